@@ -1,0 +1,7 @@
+"""Entry point for `python -m qcsbm` (and `torchrun -m qcsbm`)."""
+
+import sys
+
+from qcsbm.cli import main
+
+sys.exit(main())
