@@ -150,6 +150,18 @@ def test_missing_file_raises(tmp_path):
         load_checkpoint(tmp_path / "nothing.pt")
 
 
+def test_unreadable_file_raises(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "a.pt", {"step": 1})
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoints.torch, "load", deny)
+    with pytest.raises(CheckpointError, match=r"a\.pt: the file cannot be read "
+                                              r"\(Permission denied\)"):
+        load_checkpoint(path)
+
+
 def test_directory_raises(tmp_path):
     with pytest.raises(CheckpointError, match="not a file"):
         load_checkpoint(tmp_path)
@@ -304,7 +316,9 @@ def test_no_loadable_checkpoint_lists_files(tmp_path):
 # --- random number generator state --------------------------------------------------------
 
 def _draw_all(numpy_generator, torch_generator):
+    cuda = torch.rand(3, device="cuda").tolist() if torch.cuda.is_available() else None
     return (
+        cuda,
         torch.rand(5).tolist(),
         torch.randn(3, generator=torch_generator).tolist(),
         np.random.rand(4).tolist(),

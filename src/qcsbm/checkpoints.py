@@ -147,6 +147,8 @@ def _describe_load_failure(error: Exception) -> str:
     """Turn an exception from torch.load into a short description of the file's problem."""
     if isinstance(error, EOFError):
         return "the file is empty or truncated"
+    if isinstance(error, OSError):
+        return f"the file cannot be read ({error.strerror or error})"
 
     message = str(error)
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
