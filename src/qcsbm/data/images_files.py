@@ -59,7 +59,8 @@ def read_npz(path, *, key: str | None = None, channels: int | None = None) -> Im
             order: batch_2 before batch_10) are concatenated, like downsampled ImageNet's
             train_data_batch_1..10.
         key: name of the image array; None picks the only array, else the first of
-            `NPZ_IMAGE_KEYS` present. Labels come from the first of `NPZ_LABEL_KEYS` present.
+            `NPZ_IMAGE_KEYS` present. Labels come from the first of `NPZ_LABEL_KEYS` present
+            and are kept only when every file has them.
         channels: expected channel count; None accepts any.
     """
     path = Path(path)
