@@ -433,3 +433,44 @@ def test_write_atomic_follows_umask(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def _train(manager, *, n_steps, snapshot_freq, resume):
+    """Train a tiny noisy regression, checkpointing like a training loop; return the weights."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    numpy_generator = np.random.default_rng(1)
+    start = 0
+    if resume:
+        _, state = manager.load_latest()
+        check_state_dict_matches(model, state["model"], "latest")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"], numpy_generator=numpy_generator)
+        start = state["step"]
+
+    for step in range(start, n_steps):
+        x = torch.randn(8, 3) + float(numpy_generator.normal())
+        loss = (model(x).squeeze(1) - x.sum(dim=1) * random.random()).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % snapshot_freq == 0:
+            manager.save(step + 1, {"model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "step": step + 1,
+                                    "rng": capture_rng_state(numpy_generator=numpy_generator)})
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+    random.seed(3)
+    uninterrupted = _train(CheckpointManager(tmp_path / "a"), n_steps=12, snapshot_freq=4,
+                           resume=False)
+
+    random.seed(3)
+    manager = CheckpointManager(tmp_path / "b")
+    _train(manager, n_steps=7, snapshot_freq=4, resume=False)  # stops after 7 steps
+    random.seed(12345)  # the new process starts from another state; the checkpoint restores it
+    resumed = _train(manager, n_steps=12, snapshot_freq=4, resume=True)
+    assert torch.equal(resumed, uninterrupted)

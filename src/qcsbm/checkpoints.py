@@ -375,7 +375,8 @@ class CheckpointManager:
     `save` writes the checkpoint, then the pointer, then deletes all but the `keep` newest
     checkpoints (by step; the one just written is always kept). Each write is atomic, so after
     a kill the pointer names a complete checkpoint. `load_latest` follows the pointer and falls
-    back to the newest loadable checkpoint when the pointer or its file is damaged.
+    back to the newest loadable checkpoint when the pointer or its file is damaged. Only one
+    process may write to a folder at a time, because `save` deletes leftover temporary files.
     """
 
     def __init__(self, directory, keep: int | None = 3):
