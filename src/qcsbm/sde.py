@@ -61,8 +61,11 @@ class SDE(abc.ABC):
         """Return (mean(t), std(t)) of p_t(x_t | x_0) = N(mean(t) x_0, std(t)^2 I), each (B,)."""
 
     @abc.abstractmethod
-    def drift_diffusion(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the drift f(x, t) (shape of x) and the diffusion g(t) (shape (B,))."""
+    def drift_diffusion(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the drift f(x, t) (shape of x) and the diffusion g(t) (shape (B,)).
+
+        t is a scalar or a (B,) tensor; implementations convert it with `_as_time`.
+        """
 
     @abc.abstractmethod
     def prior_std(self) -> float:
@@ -104,13 +107,15 @@ class SDE(abc.ABC):
 
     # --- the reverse process ---------------------------------------------------------------
 
-    def reverse_drift(self, score_fn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def reverse_drift(self, score_fn, x: torch.Tensor, t) -> torch.Tensor:
         """Return the drift of the reverse-time SDE, f(x, t) - g(t)^2 score(x, t)."""
+        t = _as_time(t, x)
         drift, diffusion = self.drift_diffusion(x, t)
         return drift - broadcast_to(diffusion**2, x) * score_fn(x, t)
 
-    def probability_flow_drift(self, score_fn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def probability_flow_drift(self, score_fn, x: torch.Tensor, t) -> torch.Tensor:
         """Return the drift of the probability-flow ODE, f(x, t) - 1/2 g(t)^2 score(x, t)."""
+        t = _as_time(t, x)
         drift, diffusion = self.drift_diffusion(x, t)
         return drift - 0.5 * broadcast_to(diffusion**2, x) * score_fn(x, t)
 
@@ -143,6 +148,7 @@ class VESDE(SDE):
         return torch.ones_like(t), self.sigma(t)
 
     def drift_diffusion(self, x, t):
+        t = _as_time(t, x)
         diffusion = self.sigma(t) * math.sqrt(2 * self.log_ratio)
         return torch.zeros_like(x), diffusion
 
@@ -185,6 +191,7 @@ class VPSDE(SDE):
         return torch.exp(-0.5 * big_b), torch.sqrt(-torch.expm1(-big_b))
 
     def drift_diffusion(self, x, t):
+        t = _as_time(t, x)
         beta = self.beta(t)
         return -0.5 * broadcast_to(beta, x) * x, torch.sqrt(beta)
 
@@ -210,6 +217,7 @@ class SubVPSDE(VPSDE):
         return torch.exp(-0.5 * big_b), -torch.expm1(-big_b)
 
     def drift_diffusion(self, x, t):
+        t = _as_time(t, x)
         beta = self.beta(t)
         discount = -torch.expm1(-2.0 * self.integrated_beta(t))
         return -0.5 * broadcast_to(beta, x) * x, torch.sqrt(beta * discount)
