@@ -183,6 +183,19 @@ def test_no_graph_under_no_grad(model_id):
     torch.testing.assert_close(without_grad, with_grad.detach())
 
 
+def test_inference_mode():
+    sde = make_sde("vp")
+    x, t = batch(seed=11)
+    models = make_models(sde, 3)
+
+    with torch.inference_mode():
+        score = models["noise"](x, t)
+    torch.testing.assert_close(score, models["noise"](x, t).detach())
+
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
+        models["energy-residual"](x, t)
+
+
 @pytest.mark.parametrize("grad_enabled", [True, False])
 @pytest.mark.parametrize("x_requires_grad", [True, False])
 @pytest.mark.parametrize("model_id", MODEL_IDS)

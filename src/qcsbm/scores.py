@@ -63,7 +63,8 @@ class EnergyScore(nn.Module):
     The gradient keeps its graph (`create_graph=True`) whenever the caller has gradients
     enabled, as training and Jacobian computations need. Under `torch.no_grad()` (sampling,
     evaluation) it computes the gradient without keeping a graph and returns a detached
-    tensor. The caller's `x` is never modified.
+    tensor. Under `torch.inference_mode()` it raises RuntimeError, because autograd is off
+    there. The caller's `x` is never modified.
     """
 
     is_energy = True
@@ -84,6 +85,10 @@ class EnergyScore(nn.Module):
         return 0.5 * _flat_sq_norm(out) / std
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Inference mode disables autograd even inside enable_grad, so the gradient cannot exist.
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("EnergyScore needs autograd to compute -grad_x E, which "
+                               "torch.inference_mode() disables. Use torch.no_grad() instead")
         keep_graph = torch.is_grad_enabled()
 
         # Differentiate with respect to the caller's x when it is already part of a graph
