@@ -483,6 +483,14 @@ def test_auto_jvp_energy_score_in_lambda():
             jm.jvp_products(fn, inputs, tangents, jvp="double-backward"), expected)
 
 
+def test_forward_jvp_energy_score_error():
+    _, fn = energy_model(3)
+    x = random_batch((4, 3))
+    tangents = torch.ones(1, 4, 3, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match="'double-backward' or 'auto'"):
+        jm.jvp_products(fn, x, tangents, jvp="forward")
+
+
 # --- probes and input checks -------------------------------------------------------------------
 
 

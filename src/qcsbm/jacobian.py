@@ -97,7 +97,12 @@ def batched_jvp(fn, x: torch.Tensor, tangents: torch.Tensor, *, mode: str = "for
         def jvp_one(v):
             return torch.func.jvp(fn, (x,), (v,))[1]
 
-        return torch.func.vmap(jvp_one, randomness="same")(tangents)
+        try:
+            return torch.func.vmap(jvp_one, randomness="same")(tangents)
+        except RuntimeError as error:
+            raise RuntimeError(f"forward-mode JVP failed: {error}. A function that calls "
+                               "torch.autograd.grad (an energy score) needs jvp mode "
+                               "'double-backward' or 'auto'") from error
 
     x_in = x if x.requires_grad else x.detach().requires_grad_(True)
     s = fn(x_in)
