@@ -364,6 +364,23 @@ def test_divergence_fixed_probes():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+def test_divergence_image_batch():
+    net = ConvNet(seed=2)
+    x = random_batch((3, 2, 2, 3))
+    jac = reference_jacobian(net, x)
+    _, _, trace = reference_traces(jac)
+    probes = torch.randn(4, *x.shape, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    flat_probes = probes.reshape(4, 3, -1)
+    expected = torch.einsum("kbi,bij,kbj->kb", flat_probes, jac, flat_probes).mean(dim=0)
+
+    out, exact = jm.divergence(net, x, method="exact")
+    _, estimate = jm.divergence(net, x, method="hutchinson", probes=probes)
+
+    assert out.shape == x.shape
+    torch.testing.assert_close(exact, trace)
+    torch.testing.assert_close(estimate, expected)
+
+
 def test_divergence_graph_follows_grad_mode():
     net = make_net(3)
     x = random_batch((4, 3))
