@@ -64,7 +64,7 @@ class SDE(abc.ABC):
     def drift_diffusion(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the drift f(x, t) (shape of x) and the diffusion g(t) (shape (B,)).
 
-        t is a scalar or a (B,) tensor; implementations convert it with `_as_time`.
+        t is a scalar or a (B,) tensor. Implementations convert it with `_as_time`.
         """
 
     @abc.abstractmethod
