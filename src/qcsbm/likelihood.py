@@ -63,7 +63,7 @@ def log_likelihood(score_fn, sde: SDE, x: torch.Tensor, *, divergence: str = "ex
 
     Args:
         score_fn: score(x, t) with t of shape (B,).
-        sde: the forward SDE; its prior density scores x_1.
+        sde: the forward SDE, whose prior density scores x_1.
         x: a batch of data, shape (B, ...), floating point; its dtype sets the solver's.
         divergence: "exact" (the trace of the full Jacobian) or "hutchinson".
         num_probes: Hutchinson probes per sample, drawn once and averaged.

@@ -15,8 +15,8 @@ The algorithms follow Song et al., "Score-Based Generative Modeling through Stoc
 Differential Equations" (ICLR 2021), as implemented in score_sde_pytorch's `sampling.py`.
 
 Score functions are called as `score_fn(x, t)` with t a (B,) tensor. Sampling runs under
-`torch.no_grad()`; an energy score (`qcsbm.scores.EnergyScore`) takes its own gradient. The
-samplers never switch a module between train and eval mode: the caller does that.
+`torch.no_grad()`, and an energy score (`qcsbm.scores.EnergyScore`) takes its own gradient.
+The samplers never switch a module between train and eval mode, so the caller does that.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _reverse_diffusion_step(score_fn, sde, x, t, t_next):
 
     Reverses the exact forward transition x_t = a x_s + sqrt(q) z to first order:
     x_s = (2 - a) x_t + q score + sqrt(q) z. For the VE SDE this is score_sde_pytorch's
-    reverse-diffusion predictor (a = 1, q = sigma(t)^2 - sigma(t_next)^2); for the VP SDE
+    reverse-diffusion predictor (a = 1, q = sigma(t)^2 - sigma(t_next)^2). For the VP SDE
     1 - a^2 plays the role of its discrete beta.
     """
     a, q = _transition(sde, t, t_next)
@@ -153,14 +153,14 @@ def pc_sample(score_fn, sde: SDE, shape, *, num_steps: int = 1000,
 
     Args:
         score_fn: score(x, t) with t of shape (B,).
-        sde: the forward SDE; its prior gives x_1.
+        sde: the forward SDE, whose prior gives x_1.
         shape: the batch shape (B, ...) of the samples.
         num_steps: the number of predictor steps.
         predictor: "reverse_diffusion" (the reverse of the exact forward transition between
             grid times) or "euler_maruyama" (an Euler-Maruyama step of the reverse SDE).
         corrector: None or "langevin".
-        snr: the Langevin corrector's signal-to-noise ratio. The default 0.16 is
-            score_sde_pytorch's setting for CIFAR-10 under the VE SDE.
+        snr: the Langevin corrector's signal-to-noise ratio, used only with a corrector. The
+            default 0.16 is score_sde_pytorch's setting for CIFAR-10 under the VE SDE.
         corrector_steps: Langevin steps per grid time.
         denoise: return the mean of the last predictor step, without its noise.
         generator: the source of all randomness, for reproducible samples.
@@ -277,7 +277,7 @@ def ode_sample(score_fn, sde: SDE, shape, *, rtol: float = 1e-5, atol: float = 1
 
     Args:
         score_fn: score(x, t) with t of shape (B,).
-        sde: the forward SDE; its prior gives x_1.
+        sde: the forward SDE, whose prior gives x_1.
         shape: the batch shape (B, ...) of the samples.
         rtol, atol: the solver's relative and absolute tolerances.
         method: an adaptive torchdiffeq method, see `ADAPTIVE_METHODS`.
