@@ -1,14 +1,69 @@
-"""`qcsbm study`: not built yet; the subcommand is registered so that --help lists it."""
+"""`qcsbm study NAME`: run one of the paper's studies and write its metrics and figures.
+
+`STUDIES` lists every study with the module that implements it. A study module provides
+`add_arguments(parser)` and `run(args) -> int`. To add a study, write that module and add a
+row to the table. A listed module that is not installed yet still gets a subcommand, which
+fails with a one-line error.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from qcsbm.errors import UsageError
+
+# Study name -> (module, one-line help).
+STUDIES = {
+    "toy2d": ("qcsbm.studies.toy2d",
+              "USBM, CSBM and QCSBM on 2-D toy data: sample quality, likelihood, asymmetry"),
+    "gaussian": ("qcsbm.studies.gaussian",
+                 "Langevin sampling of a 2-D Gaussian with a rotational or radial score error"),
+    "autoencoder": ("qcsbm.studies.autoencoder",
+                    "a one-layer autoencoder score trained with the QC penalty alone"),
+}
+
+
+def _import_study(module_name: str):
+    """Import a study module, or return None if that module itself does not exist."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return None
+
+
+def _missing_study(name: str, module_name: str):
+    def run(args) -> int:
+        raise UsageError(f"study {name!r} is not available in this installation "
+                         f"(module {module_name} is missing); "
+                         f"available: {', '.join(_available())}")
+
+    return run
+
+
+def _available() -> list[str]:
+    return [name for name, (module, _) in STUDIES.items() if _import_study(module) is not None]
 
 
 def add_parser(subparsers) -> None:
-    """Register the subcommand."""
-    parser = subparsers.add_parser("study", help="(not built yet)")
+    """Register `study` with one subcommand per row of STUDIES."""
+    parser = subparsers.add_parser(
+        "study", help="run one of the paper's studies",
+        description="Run one of the paper's studies and write its metrics and figures.")
+    studies = parser.add_subparsers(dest="study", metavar="STUDY", required=True)
+    for name, (module_name, help_text) in STUDIES.items():
+        module = _import_study(module_name)
+        if module is None:
+            sub = studies.add_parser(name, help=f"{help_text} (not available yet)")
+            sub.set_defaults(study_run=_missing_study(name, module_name))
+            continue
+        sub = studies.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(study_run=module.run)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    """Run the subcommand."""
-    from qcsbm.errors import UsageError
-
-    raise UsageError("this command is not available yet")
+    """Run the study that the command line chose."""
+    return args.study_run(args)
