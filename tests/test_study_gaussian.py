@@ -221,6 +221,8 @@ def test_cli_refuses_existing_output(quick_run, capsys):
     (["--sigma", "-1"], "--sigma"),
     (["--plot-eps", "0.5"], "--plot-eps"),
     (["--steps", "0"], "--steps"),
+    (["--eps", "0,1e-3,1e-3"], "--eps"),
+    (["--eps=-1e-3,0", "--plot-eps", "0"], "--eps"),
 ])
 def test_cli_rejects_bad_input(tmp_path, capsys, options, named):
     out = tmp_path / "run"

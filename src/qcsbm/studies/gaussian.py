@@ -74,6 +74,8 @@ class GaussianStudyConfig:
         check_positive("--sigma", self.sigma)
         for eps in self.eps_values:
             check_positive("--eps value", eps, allow_zero=True)
+        if len(set(self.eps_values)) != len(self.eps_values):
+            raise UsageError(f"invalid --eps {list(self.eps_values)}; expected distinct values")
         if self.plot_eps not in self.eps_values:
             raise UsageError(f"invalid --plot-eps {self.plot_eps!r}; expected one of the "
                              f"--eps values {list(self.eps_values)}")
@@ -275,7 +277,7 @@ def compare_cases(steps: dict, config: GaussianStudyConfig) -> dict:
         summary = "the rotational error needs more steps than the radial one at every eps > 0 " \
                   "where they differ"
     elif faster and not slower:
-        summary = "the rotational error needs FEWER steps than the radial one at every eps > 0 " \
+        summary = "the rotational error needs fewer steps than the radial one at every eps > 0 " \
                   "where they differ"
     else:
         summary = "neither error needs more steps than the other at every eps > 0"
@@ -318,7 +320,8 @@ def plot_steps(config: GaussianStudyConfig, steps: dict, path: Path) -> None:
         missed = [(e, s) for e, s, c in zip(eps, shown, counts) if c is None]
         if missed:
             ax.scatter(*zip(*missed), marker="x", color="k", zorder=3)
-    ax.axhline(config.num_steps, color="0.7", linestyle=":", label="no convergence (x)")
+    ax.axhline(config.num_steps, color="0.7", linestyle=":",
+               label=f"{config.num_steps} steps (x: not converged)")
     ax.set_xlabel("error level eps")
     ax.set_ylabel("Langevin steps to converge")
     ax.set_yscale("log")
