@@ -184,6 +184,18 @@ def test_cli_writes_files(quick_run):
     assert config["config"]["eps_values"] == [0.0, 1.5e-3, 2.25e-3]
 
 
+def test_cli_saves_trajectories(quick_run):
+    out, result = quick_run
+    trajectories = torch.load(out / "trajectories.pt", weights_only=True)
+    assert len(trajectories) == 2 * 2 * 3
+    start = trajectories["deterministic/rotational/0.0"][0]
+    for key, trajectory in trajectories.items():
+        assert trajectory.shape == (41, 10, 2), key
+        torch.testing.assert_close(trajectory[0], start)
+    torch.testing.assert_close(trajectories["stochastic/rotational/0.0"],
+                               trajectories["stochastic/radial/0.0"])
+
+
 def test_cli_eps_zero_identical(quick_run):
     out, result = quick_run
     metrics = json.loads((out / "metrics.json").read_text())

@@ -214,6 +214,7 @@ def error_statistics(config: GaussianStudyConfig, eps: float, case: str) -> dict
     Monte Carlo over `num_error_samples` draws of p; Asym = tr(J J^T) - tr(J J) is the exact
     asymmetry of the perturbed score's Jacobian (zero for a conservative field).
     """
+    # Seeds seed, seed + 1 and seed + 2 give the starts, these samples and the Langevin noise.
     generator = torch.Generator().manual_seed(config.seed + 1)
     x = config.sigma * torch.randn((config.num_error_samples, 2), generator=generator,
                                    dtype=torch.float64)
@@ -228,7 +229,11 @@ def error_statistics(config: GaussianStudyConfig, eps: float, case: str) -> dict
 
 
 def simulate(config: GaussianStudyConfig, *, quiet: bool = False) -> tuple[dict, dict]:
-    """Run every (variant, case, eps) and return (metrics, deterministic trajectories)."""
+    """Run every (variant, case, eps) and return (metrics, trajectories).
+
+    The trajectories are keyed by (variant, case, eps), each of shape (num_steps + 1,
+    num_chains, 2).
+    """
     threshold = nll_threshold(config.sigma, config.threshold_margin)
     x0 = start_points(config)
     steps = step_sizes(config)
@@ -244,8 +249,8 @@ def simulate(config: GaussianStudyConfig, *, quiet: bool = False) -> tuple[dict,
                               stochastic=variant == "stochastic", generator=generator)
         results[variant][case][repr(eps)] = steps_to_converge(trajectory, config.sigma,
                                                               threshold)
+        trajectories[(variant, case, eps)] = trajectory
         if variant == "deterministic":
-            trajectories[(case, eps)] = trajectory
             errors[case][repr(eps)] = error_statistics(config, eps, case)
 
     metrics = {
@@ -298,7 +303,7 @@ def plot_trajectories(config: GaussianStudyConfig, trajectories: dict, path: Pat
         field = perturbed_score(grid, config, config.plot_eps, case)
         unit = field / field.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         ax.quiver(grid[:, 0], grid[:, 1], unit[:, 0], unit[:, 1], color="0.6")
-        trajectory = trajectories[(case, config.plot_eps)]
+        trajectory = trajectories[("deterministic", case, config.plot_eps)]
         for chain in range(trajectory.shape[1]):
             ax.plot(trajectory[:, chain, 0], trajectory[:, chain, 1], ".-", linewidth=0.8,
                     markersize=2)
@@ -307,6 +312,15 @@ def plot_trajectories(config: GaussianStudyConfig, trajectories: dict, path: Pat
         ax.set_aspect("equal")
         ax.set_title(f"{case} error, eps = {config.plot_eps:g}")
     common.save_figure(figure, path)
+
+
+def save_trajectories(trajectories: dict, path: Path) -> Path:
+    """Save the trajectories as a dict "variant/case/eps" -> tensor, for weights_only loading."""
+    named = {f"{variant}/{case}/{eps!r}": trajectory
+             for (variant, case, eps), trajectory in trajectories.items()}
+    torch.save(named, path)
+    logger.info("wrote %s", path)
+    return path
 
 
 def plot_steps(config: GaussianStudyConfig, steps: dict, path: Path) -> None:
@@ -363,13 +377,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the study and write config.json, metrics.json and two figures."""
+    """Run the study and write config.json, metrics.json, trajectories.pt and two figures."""
     config = common.config_from_args(PRESETS, args, OPTIONS)
     out = common.prepare_output_dir(args.out, overwrite=args.overwrite)
     common.write_config(out, "gaussian", config)
 
     metrics, trajectories = simulate(config, quiet=args.quiet)
     common.write_metrics(out, metrics)
+    save_trajectories(trajectories, out / "trajectories.pt")
     plot_trajectories(config, trajectories, out / "trajectories.png")
     plot_steps(config, metrics["steps_to_converge"], out / "steps_to_converge.png")
 
