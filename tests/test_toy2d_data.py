@@ -310,3 +310,13 @@ def test_invalid_inputs_rejected():
         dataset.sample(3, dtype=torch.int64)
     with pytest.raises(UsageError, match="num_oracle_points 0"):
         TwoSpirals(num_oracle_points=0)
+
+
+def test_smoothed_empirical_rejects_bad_shapes():
+    points = torch.zeros(10, 2, dtype=torch.float64)
+    with pytest.raises(UsageError, match=r"points of shape \(10, 2\)"):
+        gaussian_smoothed_empirical(torch.zeros(4, 3), torch.ones(4), points)
+    with pytest.raises(UsageError, match=r"sigma of shape \(3,\)"):
+        gaussian_smoothed_empirical(torch.zeros(4, 2), torch.ones(3), points)
+    with pytest.raises(UsageError, match="pair_budget 0"):
+        gaussian_smoothed_empirical(torch.zeros(4, 2), torch.ones(4), points, pair_budget=0)

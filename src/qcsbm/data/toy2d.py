@@ -381,7 +381,12 @@ def gaussian_smoothed_empirical(x: torch.Tensor, sigma: torch.Tensor, points: to
     (query, point) pairs are held at once. For one chunk, a single matrix product gives the
     logits up to a per-query constant, x.y_i / sigma^2 - |y_i|^2 / (2 sigma^2), and a second
     one gives both the softmax normaliser and the posterior mean of the points. The score is
-    then (posterior mean - x) / sigma^2.
+    then (posterior mean - x) / sigma^2. Log-weights more than 700 below a query's largest
+    are raised to that floor (`MIN_LOG_WEIGHT`) to keep exp off its slow underflow path.
+
+    Folding |x|^2 out of the logits costs some cancellation: on the 2spirals sample the score
+    agrees with a direct evaluation to a relative 3e-10 at sigma = 0.01 and 1e-13 at sigma >= 1
+    (benchmarks/oracle_spirals.py).
 
     NOTE: the result carries no autograd graph; differentiate through `score` instead.
 
@@ -394,6 +399,15 @@ def gaussian_smoothed_empirical(x: torch.Tensor, sigma: torch.Tensor, points: to
     Returns:
         log p(x) of shape (B,) and the score of shape (B, D), both in x's dtype.
     """
+    if x.dim() != 2 or points.dim() != 2 or points.shape[1] != x.shape[1]:
+        raise UsageError(f"invalid x of shape {tuple(x.shape)} or points of shape "
+                         f"{tuple(points.shape)}; expected (B, D) and (N, D)")
+    if sigma.shape != (x.shape[0],):
+        raise UsageError(f"invalid sigma of shape {tuple(sigma.shape)}; expected "
+                         f"({x.shape[0]},) matching x")
+    if isinstance(pair_budget, bool) or not isinstance(pair_budget, int) or pair_budget < 1:
+        raise UsageError(f"invalid pair_budget {pair_budget!r}; expected an integer >= 1")
+
     work = dict(dtype=torch.float64, device=x.device)
     points = points.to(**work)
     num_points, dim = points.shape
