@@ -70,9 +70,10 @@ def unit_asymmetry(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     one of them is zero), the structure that makes J symmetric for every x. In 2-D each
     term is the cross product r_k x w_k, so with h = 1 this is |r_0 w_1 - r_1 w_0|.
     """
-    # 1/2 ||r w^T - w r^T||_F^2 = |r|^2 |w|^2 - (r . w)^2 (Lagrange's identity).
-    per_unit = R.pow(2).sum(dim=0) * W.pow(2).sum(dim=0) - (R * W).sum(dim=0).pow(2)
-    return per_unit.clamp_min(0).sum().sqrt()
+    # The (h, d, d) antisymmetric matrices themselves: Lagrange's identity
+    # |r|^2 |w|^2 - (r . w)^2 loses half the digits when r_k is nearly parallel to w_k.
+    outer = torch.einsum("ik,jk->kij", R, W)
+    return (0.5 * (outer - outer.transpose(1, 2)).pow(2).sum()).sqrt()
 
 
 def summed_asymmetry(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

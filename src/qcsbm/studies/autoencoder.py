@@ -154,10 +154,9 @@ def plot_curves(config: AutoencoderStudyConfig, curves: dict, path: Path) -> Non
     for ax, name in zip(axes, CURVES):
         for seed in config.seeds:
             seed_curves = curves[str(seed)]
-            # Exact zeros cannot be drawn on a log axis; clip at the float64 resolution.
-            values = [max(v, 1e-300) for v in seed_curves[name]]
-            ax.plot(seed_curves["step"], values, label=f"seed {seed}", linewidth=1)
-        ax.set_yscale("log")
+            ax.plot(seed_curves["step"], seed_curves[name], label=f"seed {seed}", linewidth=1)
+        # Exact zeros have no place on a log axis, so they show as gaps in a line.
+        ax.set_yscale("log", nonpositive="mask")
         ax.set_xlabel("step")
         ax.set_title(name.replace("_", " "))
     axes[0].legend(fontsize="small")
