@@ -288,7 +288,7 @@ def test_config_round_trip():
     (dict(image_size=16, ch_mult=()), r"ch_mult \(\)"),
     (dict(image_size=16, dropout=1.0), "dropout 1.0"),
     (dict(image_size=16, sigma_max=0.001), "sigma_max 0.001"),
-    (dict(image_size=16, channels=3), "channels"),
+    (dict(image_size=16, channels=3), r"arguments \['channels'\]"),
 ])
 def test_invalid_options_rejected(options, match):
     with pytest.raises(UsageError, match=match):
@@ -320,3 +320,5 @@ def test_wrong_input_shape_rejected():
         net(torch.rand(1, 3, 8, 8), torch.ones(1))
     with pytest.raises(UsageError, match="divisible by 2"):
         net(torch.rand(1, 2, 7, 7), torch.ones(1))
+    with pytest.raises(UsageError, match=r"sigma of shape \(2, 1\)"):
+        net(torch.rand(2, 2, 8, 8), torch.ones(2, 1))

@@ -174,16 +174,17 @@ class NCSNpp(nn.Module):
     """NCSN++ score network: `net(x, sigma)` with x of shape (B, C, H, W) and sigma of shape (B,).
 
     Keyword arguments are the fields of `NCSNppConfig`. Use `from_score_sde_config` for a
-    score_sde_pytorch config dict and `compact` for a small network that trains on a CPU.
+    score_sde_pytorch config dict and `compact` for a small network to train on a CPU.
     """
 
     def __init__(self, *, image_size: int, **options):
         super().__init__()
-        try:
-            config = NCSNppConfig(image_size=image_size, **options)
-        except TypeError as error:
-            fields = ", ".join(f.name for f in dataclasses.fields(NCSNppConfig))
-            raise UsageError(f"invalid NCSNpp argument: {error}; expected only {fields}") from None
+        fields = [f.name for f in dataclasses.fields(NCSNppConfig)]
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise UsageError(f"invalid NCSNpp arguments {unknown}; expected only "
+                             f"{', '.join(fields)}")
+        config = NCSNppConfig(image_size=image_size, **options)
         self.config = config
 
         # Registered before `all_modules` so that it comes first in the state dict.
@@ -210,13 +211,17 @@ class NCSNpp(nn.Module):
 
     @classmethod
     def compact(cls, image_size: int, num_channels: int, **overrides) -> "NCSNpp":
-        """Build a small NCSN++ that trains on a CPU in minutes, e.g. on 8x8 grey digits.
+        """Build a small NCSN++ for training on a CPU, e.g. on 8x8 grey digits.
 
         nf 32, one residual block per level, channel multipliers (1, 2, 2, 2) cut to the levels
         that keep the coarsest resolution at >= 4 pixels, attention at the coarsest level.
         For 8x8x1 that is 2 levels and 753,185 parameters (7.2 GFLOP for forward plus backward
         at batch 64). For 32x32x3 it is 4 levels and 1,831,651 parameters (119 GFLOP).
         `overrides` replace any of these settings.
+
+        NOTE: on 8x8 scikit-learn digits (VE, sigma 0.01 to 10, Adam lr 2e-3, batch 64) the
+        DSM loss fell from 32.2 to 7.9 in 400 steps, 1.2 to 2.3 s per step on one thread of a
+        heavily loaded 2-core machine. Sample quality after such a run was not checked.
         """
         num_levels = 1
         size = image_size
@@ -249,6 +254,9 @@ class NCSNpp(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])
+        if sigma.shape != (x.shape[0],):
+            raise UsageError(f"invalid sigma of shape {tuple(sigma.shape)}; expected a scalar "
+                             f"or shape ({x.shape[0]},), one noise level per image")
         modules = iter(self.all_modules)
 
         # Time embedding from log(sigma).
