@@ -20,7 +20,7 @@ from qcsbm.errors import UsageError
 
 
 class Swish(nn.Module):
-    """Swish, z sigmoid(beta z), with a learnable beta per feature (initialised to 1)."""
+    """Swish, z sigmoid(beta z), with a learnable beta per feature (initialized to 1)."""
 
     def __init__(self, num_features: int):
         super().__init__()
