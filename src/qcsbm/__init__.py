@@ -10,3 +10,14 @@ Three model kinds share one training objective:
 """
 
 __version__ = "0.1.0"
+
+from qcsbm.jacobian import asymmetry_and_trace, divergence, jacobian_asymmetry, nasym
+from qcsbm.losses import Objective, qc_loss
+from qcsbm.scores import EnergyScore, UnconstrainedScore
+from qcsbm.sde import SDE, SubVPSDE, VESDE, VPSDE
+
+__all__ = [
+    "SDE", "VESDE", "VPSDE", "SubVPSDE", "UnconstrainedScore", "EnergyScore", "Objective",
+    "qc_loss", "jacobian_asymmetry", "nasym", "asymmetry_and_trace", "divergence",
+    "__version__",
+]

@@ -197,7 +197,13 @@ def traces_from_output(fn, s: torch.Tensor, x: torch.Tensor, *, method: str = "e
     return asym.mean(dim=0), tr_jjt.mean(dim=0)
 
 
-def _traces(fn, x, *, method, num_probes, probe, generator, jvp, create_graph):
+def asymmetry_and_trace(fn, x: torch.Tensor, *, method: str = "exact", num_probes: int = 1,
+                        probe: str = "rademacher", generator: torch.Generator | None = None,
+                        jvp: str = "auto", create_graph: bool | None = None):
+    """Return per-sample (asymmetry, tr(J J^T)) from one set of probes.
+
+    Arguments as for `jacobian_asymmetry`; NAsym is `nasym_from_traces` of the pair.
+    """
     keep = torch.is_grad_enabled() if create_graph is None else create_graph
     with torch.enable_grad():
         x_in = _input_leaf(x, keep)
@@ -226,8 +232,8 @@ def jacobian_asymmetry(fn, x: torch.Tensor, *, method: str = "exact", num_probes
             (double-backward for energy scores, whose forward pass calls autograd).
         create_graph: keep the graph for a backward pass; default: whether grad is enabled.
     """
-    asym, _ = _traces(fn, x, method=method, num_probes=num_probes, probe=probe,
-                      generator=generator, jvp=jvp, create_graph=create_graph)
+    asym, _ = asymmetry_and_trace(fn, x, method=method, num_probes=num_probes, probe=probe,
+                                  generator=generator, jvp=jvp, create_graph=create_graph)
     return asym
 
 
@@ -246,8 +252,9 @@ def nasym(fn, x: torch.Tensor, *, method: str = "exact", num_probes: int = 1,
     [0, 1] for every sample; the paper's "hutchinson" form can leave that range for few probes.
     Arguments as for `jacobian_asymmetry`.
     """
-    asym, tr_jjt = _traces(fn, x, method=method, num_probes=num_probes, probe=probe,
-                           generator=generator, jvp=jvp, create_graph=create_graph)
+    asym, tr_jjt = asymmetry_and_trace(fn, x, method=method, num_probes=num_probes,
+                                       probe=probe, generator=generator, jvp=jvp,
+                                       create_graph=create_graph)
     return nasym_from_traces(asym, tr_jjt)
 
 

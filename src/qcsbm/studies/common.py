@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -116,7 +117,14 @@ def prepare_output_dir(out: str | Path, *, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"output folder {str(path)!r} already contains files; "
                          f"pass --overwrite to write into it or choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"invalid --out {str(path)!r}: cannot create the folder "
+                         f"({error.strerror}); choose a writable location") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"invalid --out {str(path)!r}: the folder is not writable; "
+                         "choose a writable location")
     return path
 
 
