@@ -4,6 +4,7 @@ No real weights can be downloaded in tests, so the network code runs with random
 right architecture written to a temporary file. The values it computes are not tested.
 """
 
+import contextlib
 import importlib.util
 import sys
 import urllib.error
@@ -34,6 +35,28 @@ def random_weights_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def random_inception(random_weights_file):
     return InceptionV3Features(random_weights_file)
+
+
+@pytest.fixture
+def single_thread():
+    # On a 2-core machine busy with other processes, one thread ran the network about 9 times
+    # faster than two. No check here depends on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def threadpool_limits(limits):
+    """threadpoolctl's BLAS thread limit where it is installed (scikit-learn brings it)."""
+    try:
+        from threadpoolctl import threadpool_limits as limit_blas_threads
+    except ImportError:
+        return contextlib.nullcontext()
+    return limit_blas_threads(limits=limits)
 
 
 def test_missing_weights_path_names_file(tmp_path):
@@ -104,7 +127,7 @@ def test_pickled_code_rejected(tmp_path):
 
 
 @needs_torch_fidelity
-def test_real_network_shapes_and_mode(random_inception):
+def test_real_network_shapes_and_mode(random_inception, single_thread):
     random_inception.train()
     assert not random_inception.training
     assert not random_inception.network.training
@@ -133,7 +156,7 @@ def test_torch_fidelity_package_not_left_behind():
 
 @pytest.mark.slow
 @needs_torch_fidelity
-def test_real_network_whole_pipeline(random_inception, tmp_path):
+def test_real_network_whole_pipeline(random_inception, tmp_path, single_thread):
     # Two 299 x 299 forward passes per image and two 2048-D eigendecompositions.
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 12, 12, 1), dtype=np.uint8)
@@ -145,6 +168,7 @@ def test_real_network_whole_pipeline(random_inception, tmp_path):
     result = compute_sample_quality(images, reference, extractor=random_inception, k=1,
                                     is_splits=1, kid_subsets=2, progress=False)
     assert result["extractor"] == INCEPTION_NAME
+    assert result["extractor_weights_sha256"] == random_inception.weights_sha256
     assert result["num_samples"] == 2
     assert result["fid"] < 1e-6
     assert result["precision"] == 1.0

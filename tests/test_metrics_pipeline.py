@@ -157,6 +157,7 @@ def test_sample_quality_same_set(tmp_path):
     assert result["k"] == 3
     assert result["kid_subset_size"] == 60
     assert result["extractor"] == "stand-in"
+    assert result["extractor_weights_sha256"] == ""
 
 
 def test_sample_quality_matches_direct_metrics(tmp_path):
@@ -227,3 +228,13 @@ def test_reference_stats_round_trip(tmp_path):
     assert loaded.num_images == 9
     assert loaded.extractor == "stand-in"
     assert loaded.weights_sha256 == "ab"
+
+
+def test_sample_quality_other_weights_rejected():
+    extractor = StandInExtractor()
+    extractor.weights_sha256 = "b" * 64
+    reference = ReferenceStats(mu=np.zeros(12), sigma=np.eye(12), features=np.zeros((20, 12)),
+                               num_images=20, extractor="stand-in", weights_sha256="a" * 64)
+    with pytest.raises(UsageError, match="weights with sha256 a+ but the extractor loaded b+"):
+        compute_sample_quality(make_images(20, seed=16), reference, extractor=extractor,
+                               progress=False)

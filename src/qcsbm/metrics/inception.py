@@ -76,6 +76,9 @@ class InceptionV3Features(nn.Module):
         module = _torch_fidelity_inception_module()
         state_dict = _load_state_dict(path)
         self.network = _build_network(module, state_dict, path)
+
+        # NOTE: the file is checked only for the architecture's keys and shapes, not against
+        # a published hash. Its sha256 goes into reference statistics and results instead.
         self.weights_sha256 = _sha256(path)
         logger.info("loaded Inception-v3 weights %s (sha256 %s)", path, self.weights_sha256)
 

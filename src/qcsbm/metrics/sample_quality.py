@@ -47,7 +47,8 @@ def compute_sample_quality(samples, reference: ReferenceStats, *,
     Returns a dict with "fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision",
     "recall", "density", "coverage", and the settings behind them: "num_samples",
     "num_reference", "k", "kid_subset_size", "kid_subsets", "is_splits",
-    "prdc_num_samples", "prdc_num_reference", "extractor".
+    "prdc_num_samples", "prdc_num_reference", "extractor", "extractor_weights_sha256" ("" for
+    an extractor without a weights file).
     """
     num_samples = _check_sample_count(samples, k=k, is_splits=is_splits)
     check_int_at_least("kid_subsets", kid_subsets, 1)
@@ -88,6 +89,7 @@ def compute_sample_quality(samples, reference: ReferenceStats, *,
         "prdc_num_samples": prdc_result["num_fake"],
         "prdc_num_reference": prdc_result["num_real"],
         "extractor": reference.extractor,
+        "extractor_weights_sha256": extractor_identity(extractor)[1],
     }
     logger.info("sample quality of %d samples: FID %.3f, IS %.3f, KID %.5f", num_samples,
                 fid, is_mean, kid_mean)
