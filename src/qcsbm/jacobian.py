@@ -72,6 +72,11 @@ def batched_vjp(s: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor,
     The forward pass that produced s is shared by all K products. Falls back to a loop of K
     backward passes on the same graph when an operator has no batching rule.
     """
+    if cotangents.shape[0] == 1:
+        # One probe needs no vmap, whose dispatch overhead is significant for small networks.
+        (out,) = torch.autograd.grad(s, x, cotangents[0], retain_graph=True,
+                                     create_graph=create_graph)
+        return out.unsqueeze(0)
     try:
         (out,) = torch.autograd.grad(s, x, cotangents, retain_graph=True,
                                      create_graph=create_graph, is_grads_batched=True)
@@ -98,6 +103,8 @@ def batched_jvp(fn, x: torch.Tensor, tangents: torch.Tensor, *, mode: str = "for
             return torch.func.jvp(fn, (x,), (v,))[1]
 
         try:
+            if tangents.shape[0] == 1:
+                return jvp_one(tangents[0]).unsqueeze(0)
             return torch.func.vmap(jvp_one, randomness="same")(tangents)
         except RuntimeError as error:
             raise RuntimeError(f"forward-mode JVP failed: {error}. A function that calls "
