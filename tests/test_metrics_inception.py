@@ -77,11 +77,11 @@ def test_missing_cache_without_download_names_cache(tmp_path, monkeypatch):
 
 
 def test_failed_download_is_usage_error(tmp_path, monkeypatch):
-    def refuse(url, destination, **kwargs):
+    def fail_download(url, destination, **kwargs):
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail_download)
     with pytest.raises(UsageError, match="download failed.*network unreachable"):
         inception_weights_path()
 
@@ -119,7 +119,7 @@ def test_weights_file_not_state_dict_rejected(tmp_path):
 
 @needs_torch_fidelity
 def test_pickled_code_rejected(tmp_path):
-    # weights_only=True refuses pickles of arbitrary objects.
+    # weights_only=True rejects pickles of arbitrary objects.
     path = tmp_path / "object.pth"
     torch.save({"network": torch.nn.Linear(2, 2)}, path)
     with pytest.raises(CheckpointError, match="cannot be loaded as plain tensors"):
