@@ -66,7 +66,7 @@ from qcsbm.data.images import ImageDataset, ImageLoader, load_images
 from qcsbm.errors import CheckpointError, NonFiniteError, UsageError
 from qcsbm.losses import LossTerms, Objective, backward_two_stage, qc_loss
 from qcsbm.models import build_score_model, data_metadata, data_scale
-from qcsbm.runs import CONFIG_NAME, GracefulStop, prepare_run_dir
+from qcsbm.runs import CONFIG_NAME, GracefulStop, RunDir, prepare_run_dir
 from qcsbm.score_sde_format import load_score_sde_checkpoint
 from qcsbm.sde import SDE
 from qcsbm.training import clip_and_check, make_ema
@@ -107,7 +107,8 @@ class TrainResult:
     """Outcome of a `train` call.
 
     status is "finished" (n_steps reached) or "stopped" (by `stop_signal`, after writing a
-    checkpoint). seconds_per_step averages the steps of this call, checkpoints excluded.
+    checkpoint). seconds_per_step averages the optimizer steps of this call, without data
+    loading and checkpoints.
     """
 
     workdir: Path
@@ -266,6 +267,7 @@ def _use_bf16_forward(net: nn.Module) -> None:
 
     Patches the instance, not the class, so copies made before (the EMA) stay in float32.
     """
+    # NOTE: this path has not run on a GPU yet; the tests cover only its rejection on the CPU.
     forward = net.forward
 
     def forward_bf16(*args, **kwargs):
@@ -545,7 +547,11 @@ def train(cfg: TrainConfig, workdir, *, resume: bool = False, overwrite: bool = 
         initial = load_initial_weights(cfg.training.init_from, cfg.optim.ema_rate)
         _check_initial_weights(initial, score_model.net, cfg.training.init_from)
     state = _make_state(score_model, cfg, dataset, device, rank=rank, world_size=world_size)
-    run = prepare_run_dir(workdir, resume=resume, overwrite=overwrite)
+    if is_main_process:
+        run = prepare_run_dir(workdir, resume=resume, overwrite=overwrite)
+    else:
+        # NOTE: other ranks must wait until rank 0 has prepared the folder before they read it.
+        run = RunDir(path=Path(workdir), resumed=resume)
 
     # Start: either the checkpoint of a resumed run or fresh (optionally fine-tuned) weights.
     manager = CheckpointManager(run.checkpoint_dir, keep=cfg.training.keep_checkpoints)
@@ -645,17 +651,10 @@ def _loop(model, state: TrainingState, settings: StepSettings, cfg: TrainConfig,
                 consecutive_skips = 0
             except NonFiniteError as error:
                 state.optimizer.zero_grad(set_to_none=True)
-                too_many = consecutive_skips + 1 >= MAX_CONSECUTIVE_SKIPS
-                if settings.on_nonfinite == "stop" or too_many:
-                    kept = (f"the last checkpoint {last_saved} is kept" if last_saved
-                            else "no checkpoint was written yet")
-                    raise NonFiniteError(f"{error}; training stopped and {kept}") from None
                 consecutive_skips += 1
+                _skip_or_stop(error, settings, consecutive_skips, last_saved)
                 state.skipped_steps += 1
                 result = None
-                logger.warning("%s; skipping the step (training.on_nonfinite 'skip', %d in a "
-                               "row, the run stops at %d)", error, consecutive_skips,
-                               MAX_CONSECUTIVE_SKIPS)
                 metrics.write({"step": step, "skipped": True, "error": str(error)})
             state.step = step
             step_seconds += time.perf_counter() - start
@@ -678,6 +677,21 @@ def _loop(model, state: TrainingState, settings: StepSettings, cfg: TrainConfig,
         last_saved = save() or last_saved
     return TrainResult(workdir, state.step, "finished", None, last_saved,
                        step_seconds / max(steps_run, 1), state.skipped_steps)
+
+
+def _skip_or_stop(error: NonFiniteError, settings: StepSettings, consecutive_skips: int,
+                  last_saved: Path | None) -> None:
+    """Log a skipped non-finite step, or raise NonFiniteError if the run must stop."""
+    if settings.on_nonfinite == "skip" and consecutive_skips < MAX_CONSECUTIVE_SKIPS:
+        logger.warning("%s; skipping the step (training.on_nonfinite 'skip', %d in a row, the "
+                       "run stops at %d)", error, consecutive_skips, MAX_CONSECUTIVE_SKIPS)
+        return
+
+    kept = (f"the last checkpoint {last_saved} is kept" if last_saved
+            else "no checkpoint was written yet")
+    reason = (f" after {MAX_CONSECUTIVE_SKIPS} non-finite steps in a row"
+              if settings.on_nonfinite == "skip" else "")
+    raise NonFiniteError(f"{error}; training stopped{reason} and {kept}") from None
 
 
 def _report(result: StepResult, step: int, training, bar, metrics: MetricsLog,
