@@ -298,6 +298,15 @@ def test_rank_seed_differs_per_rank():
     assert seeds == [distributed.rank_seed(42, rank) for rank in range(4)]
     assert distributed.rank_seed(43, 0) not in seeds
     assert all(0 <= seed < 2**63 for seed in seeds)
+    assert distributed.rank_seed(42, 0, 7) != distributed.rank_seed(42, 0, 8)
+
+
+def test_rank_generator_streams():
+    first = torch.rand(4, generator=distributed.rank_generator(0, 1, 5))
+    again = torch.rand(4, generator=distributed.rank_generator(0, 1, 5))
+    other_rank = torch.rand(4, generator=distributed.rank_generator(0, 0, 5))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.equal(first, other_rank)
 
 
 def test_contexts_without_ddp_are_no_ops():

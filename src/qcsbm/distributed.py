@@ -189,14 +189,22 @@ def rank_batch_size(batch_size: int, world_size: int, accumulate: int = 1) -> in
     return batch_size // world_size
 
 
-def rank_seed(seed: int, rank: int) -> int:
+def rank_seed(seed: int, rank: int, *more: int) -> int:
     """Return a seed for rank `rank`'s random stream, unrelated to the other ranks' streams.
 
-    The streams must differ, because ranks that draw the same noise train on correlated
-    samples. NumPy's SeedSequence hashes (seed, rank), so nearby pairs give unrelated seeds.
+    The streams must differ, because ranks that draw the same noise or probes train on
+    correlated samples. NumPy's SeedSequence hashes (seed, rank, *more), so nearby tuples
+    give unrelated seeds. `more` can add, for example, the step number.
     """
-    state = np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)
+    entropy = [int(seed), int(rank), *(int(value) for value in more)]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return int(state[0] >> np.uint64(1))
+
+
+def rank_generator(seed: int, rank: int, *more: int,
+                   device: str | torch.device = "cpu") -> torch.Generator:
+    """Return a generator on `device` seeded with `rank_seed(seed, rank, *more)`."""
+    return torch.Generator(device=device).manual_seed(rank_seed(seed, rank, *more))
 
 
 def wrap_model(model: nn.Module, context: DistributedContext, *,
