@@ -257,6 +257,13 @@ def test_load_run_returns_ema_weights(tmp_path):
     score = loaded.score_model(torch.rand(2, 1, 8, 8), torch.full((2,), 0.5))
     assert score.shape == (2, 1, 8, 8)
 
+    model, _ = net_state(result.checkpoint_path)
+    raw = load_run(tmp_path / "run", use_ema=False, step=2)
+    assert raw.weights == "model"
+    assert_states_equal(raw.score_model.net.state_dict(), model)
+    with pytest.raises(UsageError, match="no checkpoint of step 5"):
+        load_run(tmp_path / "run", step=5)
+
 
 def test_loader_is_seeded_by_training_seed(tmp_path):
     cfg = tiny_config("usbm")
