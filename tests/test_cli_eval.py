@@ -53,7 +53,7 @@ def test_nll_matches_gaussian_closed_form():
     run = SimpleNamespace(score_model=score, sde=sde, data={"scale": 2.0, "shift": -1.0})
     dataset = tiny_images()
     result = nll_of_run(run, dataset, num=5, batch_size=2, divergence="exact", seed=3,
-                        rtol=1e-7, atol=1e-7)
+                        rtol=1e-6, atol=1e-6)
 
     # The same dequantization noise: nll_of_run's generator draws it first, in batches.
     generator = torch.Generator().manual_seed(3)
