@@ -91,12 +91,7 @@ class DistributedContext:
 
     def barrier(self) -> None:
         """Wait until every rank reaches this call (no-op in a single process)."""
-        if not self.is_distributed:
-            return
-        if self.backend == "nccl":
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        barrier()
 
 
 def _env_int(name: str, minimum: int) -> int:
@@ -131,7 +126,7 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"invalid device {str(device)!r}: CUDA is not available; use 'cpu'")
 
-    if os.environ.get("WORLD_SIZE") is None or _env_int("WORLD_SIZE", 1) == 1:
+    if not launched_by_torchrun():
         return DistributedContext(device=device)
 
     # torchrun's variables, checked before any connection is attempted.
@@ -167,6 +162,33 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
                 rank, world_size, local_rank, backend, device)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size,
                               device=device, backend=backend)
+
+
+def barrier() -> None:
+    """Wait until every rank of the process group reaches this call (no-op without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: str | torch.device = "cpu") -> bool:
+    """Return whether `flag` is true on at least one rank (`flag` itself without a group).
+
+    Every rank must call it at the same point. `device` must be a CUDA device for NCCL.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def launched_by_torchrun() -> bool:
+    """Return whether the environment describes a job of more than one process."""
+    return os.environ.get("WORLD_SIZE") is not None and _env_int("WORLD_SIZE", 1) > 1
 
 
 def cleanup_distributed() -> None:

@@ -38,14 +38,22 @@ autocast and its output is cast to float32, so the DSM term, the probes and the 
 vector products and traces are float32. The Jacobian-vector products through the network
 run in the network's autocast precision. On the CPU, "bf16" raises UsageError.
 
-Distributed training: `training_step` takes the model that runs the forward pass (which may
-be wrapped, see `wrap_model`) separately from the state, and only the process with
-`rank == 0` writes files.
+Distributed training: under torchrun (`torchrun --nproc_per_node N -m qcsbm train ...`) each
+process joins the process group (see `qcsbm.distributed`), wraps the score model in
+DistributedDataParallel and loads its shard of every batch, data.batch_size / N images, so
+data.batch_size stays the global batch and must be divisible by N * training.accumulate.
+The step generator is the same on every rank: it draws t and z for the global batch and each
+rank takes its rows, so rank 0's checkpoint resumes any number of ranks. With N > 1 the probes
+come from a generator seeded with (training.seed, rank, step), so that ranks draw different
+probes without a saved state. Only rank 0 writes files, and a signal stops every rank after the
+same step. Resuming with another N continues at the saved epoch and batch position with the
+new N's shards, so the rest of that epoch visits other images than an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -58,6 +66,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from qcsbm import distributed
 from qcsbm.checkpoints import (CheckpointManager, capture_rng_state, check_state_dict_matches,
                                load_checkpoint, restore_rng_state)
 from qcsbm.config import (TrainConfig, apply_overrides, from_dict, load_json, save_json,
@@ -144,6 +153,9 @@ class StepSettings:
     two_stage_backward: bool = False
     grad_clip: float | None = 1.0
     on_nonfinite: str = "stop"
+    rank: int = 0              # this process's rank and the number of processes (DDP)
+    world_size: int = 1
+    seed: int = 0              # training.seed, from which ranks derive their probe streams
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -228,7 +240,9 @@ def load_training_images(cfg: TrainConfig) -> ImageDataset:
 def make_loader(dataset: ImageDataset, cfg: TrainConfig, device: torch.device, *,
                 rank: int = 0, world_size: int = 1) -> ImageLoader:
     """Build the resumable batch iterator of the training images (seeded by training.seed)."""
-    return ImageLoader(dataset, cfg.data.batch_size, seed=cfg.training.seed,
+    batch_size = distributed.rank_batch_size(cfg.data.batch_size, world_size,
+                                             cfg.training.accumulate)
+    return ImageLoader(dataset, batch_size, seed=cfg.training.seed,
                        flip=cfg.data.random_flip, dequantize=cfg.data.dequantize, rank=rank,
                        world_size=world_size, device=device)
 
@@ -370,6 +384,32 @@ def _check_finite(terms: LossTerms, step: int) -> None:
                                  f"(std) {', '.join(f'{s:.4g}' for s in stds)}")
 
 
+def _draw_rank_time_and_noise(settings: StepSettings, batch: torch.Tensor,
+                              generator: torch.Generator):
+    """Draw t and z for the global batch of all ranks and return this rank's rows."""
+    size = batch.shape[0]
+    global_batch = batch.new_empty((size * settings.world_size, *batch.shape[1:]))
+    t, noise = draw_time_and_noise(settings.sde, global_batch, generator)
+    rows = slice(settings.rank * size, (settings.rank + 1) * size)
+    return t[rows], noise[rows]
+
+
+def _micro_batch_backward(model, settings: StepSettings, x0, t, noise, generator, scale: float,
+                          step: int) -> LossTerms:
+    """Backpropagate the objective of one micro-batch, times `scale`, into the .grad fields."""
+    if settings.two_stage_backward:
+        terms = backward_two_stage(model, settings.sde, x0, settings.objective, t=t,
+                                   noise=noise, generator=generator, loss_scale=scale)
+        _check_finite(terms, step)
+        return terms
+
+    terms = qc_loss(model, settings.sde, x0, settings.objective, t=t, noise=noise,
+                    generator=generator)
+    _check_finite(terms, step)
+    (terms.total * scale).backward()
+    return terms
+
+
 def training_step(model: nn.Module, batch: torch.Tensor, state: TrainingState,
                   settings: StepSettings, step: int) -> StepResult:
     """Run optimizer step number `step` on `batch`: accumulate, clip, Adam, warm-up, EMA.
@@ -379,28 +419,31 @@ def training_step(model: nn.Module, batch: torch.Tensor, state: TrainingState,
     term or the gradient norm is not finite, leaving the weights unchanged.
     """
     state.optimizer.zero_grad(set_to_none=True)
-    t, noise = draw_time_and_noise(settings.sde, batch, state.generator)
+    t, noise = _draw_rank_time_and_noise(settings, batch, state.generator)
+    probe_generator = state.generator
+    if settings.world_size > 1:
+        probe_generator = distributed.rank_generator(settings.seed, settings.rank, step,
+                                                     device=state.generator.device)
     scale = 1.0 / settings.accumulate
+    contexts = distributed.micro_batch_contexts(model, settings.accumulate,
+                                                two_stage=settings.two_stage_backward)
 
     # Micro-batches share the step's t and z, so K of them match one batch of B images.
     totals, dsms, penalties = [], [], []
-    for x0, t_part, z_part in zip(batch.chunk(settings.accumulate),
-                                  t.chunk(settings.accumulate),
-                                  noise.chunk(settings.accumulate)):
-        if settings.two_stage_backward:
-            terms = backward_two_stage(model, settings.sde, x0, settings.objective, t=t_part,
-                                       noise=z_part, generator=state.generator,
-                                       loss_scale=scale)
-            _check_finite(terms, step)
-        else:
-            terms = qc_loss(model, settings.sde, x0, settings.objective, t=t_part,
-                            noise=z_part, generator=state.generator)
-            _check_finite(terms, step)
-            (terms.total * scale).backward()
+    # Under DDP the contexts all-reduce the gradients once, after the last micro-batch.
+    for x0, t_part, z_part, context in zip(batch.chunk(settings.accumulate),
+                                           t.chunk(settings.accumulate),
+                                           noise.chunk(settings.accumulate), contexts):
+        with context:
+            terms = _micro_batch_backward(model, settings, x0, t_part, z_part,
+                                          probe_generator, scale, step)
         totals.append(terms.total.detach())
         dsms.append(terms.dsm.detach().mean())
         if terms.penalty.numel():
             penalties.append(terms.penalty.detach().mean())
+
+    if settings.two_stage_backward:
+        distributed.average_gradients(model)
 
     # Clip, then update the weights, the learning rate and the EMA.
     grad_clip = settings.grad_clip if settings.grad_clip is not None else 0.0
@@ -445,10 +488,31 @@ def restore_state(state: TrainingState, saved: dict, path) -> None:
     state.ema.n_averaged.fill_(int(saved["ema"]["n_averaged"]))
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    state.loader.load_state_dict(saved["loader"])
+    state.loader.load_state_dict(_loader_state_for(state.loader, saved["loader"]))
     restore_rng_state(saved["rng"], torch_generator=state.generator)
     state.step = int(saved["step"])
     state.skipped_steps = int(saved.get("skipped_steps", 0))
+
+
+def _loader_state_for(loader: ImageLoader, saved: dict) -> dict:
+    """Return a saved loader position for `loader`, which may run on another number of ranks.
+
+    With the same global batch, batch_index counts the same global batches for any number of
+    ranks, so the position carries over. Only the shards of the rest of the epoch change.
+    """
+    if saved.get("world_size") == loader.world_size:
+        return saved
+    global_batch = saved.get("batch_size", 0) * saved.get("world_size", 0)
+    if global_batch != loader.batch_size * loader.world_size:
+        return saved   # load_state_dict names the mismatch
+
+    logger.warning("resuming a run of %d processes with %d; the rest of epoch %d visits "
+                   "other images than an uninterrupted run would", saved["world_size"],
+                   loader.world_size, saved["epoch"])
+    adapted = {**saved, "world_size": loader.world_size, "batch_size": loader.batch_size}
+    if adapted["batch_index"] >= loader.batches_per_epoch:
+        adapted.update(epoch=adapted["epoch"] + 1, batch_index=0)
+    return adapted
 
 
 # --- logs --------------------------------------------------------------------------------
@@ -521,14 +585,37 @@ def train(cfg: TrainConfig, workdir, *, resume: bool = False, overwrite: bool = 
         progress: show a tqdm bar with the loss and the penalty.
         device: "cpu", "cuda", ...; None picks CUDA when available.
         rank, world_size: this process's place in distributed training; rank 0 writes.
+            Left at 0 and 1 under torchrun, they come from the environment.
         wrap_model: applied to the score model to get the module that runs the forward
-            pass (for example DistributedDataParallel).
+            pass (for example DistributedDataParallel). Under torchrun, with rank and
+            world_size left at 0 and 1, `train` joins the process group itself and wraps the
+            model with `qcsbm.distributed.wrap_model`.
 
     Raises:
         UsageError: invalid configuration, data, initial checkpoint or run folder; nothing
             is written then.
         NonFiniteError: a non-finite loss term or gradient norm (see the module docstring).
     """
+    context = None
+    if world_size == 1 and wrap_model is None and distributed.launched_by_torchrun():
+        context = distributed.init_distributed(resolve_device(device, cfg))
+        device, rank, world_size = context.device, context.rank, context.world_size
+        wrap_model = functools.partial(distributed.wrap_model, context=context)
+    try:
+        return _train_process(cfg, workdir, resume=resume, overwrite=overwrite,
+                              init_from=init_from, init_optimizer=init_optimizer,
+                              two_stage_backward=two_stage_backward, progress=progress,
+                              device=device, rank=rank, world_size=world_size,
+                              wrap_model=wrap_model)
+    finally:
+        if context is not None:
+            distributed.cleanup_distributed()
+
+
+def _train_process(cfg: TrainConfig, workdir, *, resume: bool, overwrite: bool, init_from,
+                   init_optimizer: bool, two_stage_backward: bool, progress: bool, device,
+                   rank: int, world_size: int, wrap_model) -> TrainResult:
+    """Run `train` in this process: one rank of a distributed job, or all of the training."""
     is_main_process = rank == 0
     if init_from is not None:
         cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training,
@@ -547,11 +634,16 @@ def train(cfg: TrainConfig, workdir, *, resume: bool = False, overwrite: bool = 
         initial = load_initial_weights(cfg.training.init_from, cfg.optim.ema_rate)
         _check_initial_weights(initial, score_model.net, cfg.training.init_from)
     state = _make_state(score_model, cfg, dataset, device, rank=rank, world_size=world_size)
+    if world_size > 1 and cfg.training.on_nonfinite == "skip":
+        raise UsageError("training.on_nonfinite 'skip' works in a single process only: a rank "
+                         "that skips would leave the others waiting in the gradient "
+                         "all-reduce; use 'stop' with torchrun")
     if is_main_process:
         run = prepare_run_dir(workdir, resume=resume, overwrite=overwrite)
     else:
-        # NOTE: other ranks must wait until rank 0 has prepared the folder before they read it.
         run = RunDir(path=Path(workdir), resumed=resume)
+    # The other ranks read the folder only after rank 0 has prepared it.
+    distributed.barrier()
 
     # Start: either the checkpoint of a resumed run or fresh (optionally fine-tuned) weights.
     manager = CheckpointManager(run.checkpoint_dir, keep=cfg.training.keep_checkpoints)
@@ -568,7 +660,8 @@ def train(cfg: TrainConfig, workdir, *, resume: bool = False, overwrite: bool = 
     settings = StepSettings(sde=sde, objective=make_objective(cfg),
                             accumulate=cfg.training.accumulate,
                             two_stage_backward=two_stage_backward,
-                            grad_clip=cfg.optim.grad_clip, on_nonfinite=cfg.training.on_nonfinite)
+                            grad_clip=cfg.optim.grad_clip, on_nonfinite=cfg.training.on_nonfinite,
+                            rank=rank, world_size=world_size, seed=cfg.training.seed)
     metrics = MetricsLog(run.path, enabled=is_main_process,
                          resumed_step=state.step if resume else None)
 
@@ -665,12 +758,14 @@ def _loop(model, state: TrainingState, settings: StepSettings, cfg: TrainConfig,
                 _report(result, step, training, bar, metrics, step_seconds / steps_run)
             if step % training.snapshot_freq == 0 or step == training.n_steps:
                 last_saved = save() or last_saved
-            if stop.stop_requested:
+            # Every rank stops after the same step, even if the signal reached only some.
+            if distributed.any_rank(stop.stop_requested, state.generator.device):
                 if last_saved is None or manager.path_for(step) != last_saved:
                     last_saved = save() or last_saved
+                received = stop.received or "a signal to another rank"
                 logger.warning("stopped at step %d of %d after %s; resume with --resume",
-                               step, training.n_steps, stop.received)
-                return TrainResult(workdir, step, "stopped", stop.received, last_saved,
+                               step, training.n_steps, received)
+                return TrainResult(workdir, step, "stopped", received, last_saved,
                                    step_seconds / max(steps_run, 1), state.skipped_steps)
 
     if last_saved is None or manager.path_for(state.step) != last_saved:
