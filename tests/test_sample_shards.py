@@ -12,7 +12,7 @@ import torch
 from qcsbm.cli import main
 from qcsbm.errors import UsageError
 from qcsbm.sample_shards import (block_ranges, load_samples, merge_shards, parse_shard,
-                                 save_samples, shard_blocks, shard_path, torchrun_shard)
+                                 save_samples, shard_blocks, shard_path)
 from test_cli_sample import PC_FAST, make_run
 
 NUM, BATCH = 5, 2
@@ -78,18 +78,6 @@ def test_parse_shard_rejects(text):
 def test_parse_shard_accepts():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard(" 0 / 1 ") == (0, 1)
-
-
-def test_torchrun_environment(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert torchrun_shard() is None
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert torchrun_shard() == (1, 4)
-    monkeypatch.setenv("RANK", "4")
-    with pytest.raises(UsageError, match="RANK"):
-        torchrun_shard()
 
 
 # --- same samples with and without shards -----------------------------------------------------

@@ -123,8 +123,8 @@ def read_metrics(workdir) -> list:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read {path}: {error}; move the file away, it is kept as it "
-                         "is") from None
+        raise UsageError(f"cannot read {path}: {error}; repair it or move it away (it was "
+                         "left unchanged)") from None
     if not isinstance(entries, list):
         raise UsageError(f"invalid {path}: expected a JSON list of evaluation entries")
     return entries

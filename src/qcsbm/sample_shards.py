@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -103,22 +102,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or index >= count:
         raise UsageError(f"invalid --shard {text!r}; expected 0 <= INDEX < COUNT and COUNT >= 1")
-    return index, count
-
-
-def torchrun_shard() -> tuple[int, int] | None:
-    """Return (RANK, WORLD_SIZE) from torchrun's environment, or None outside torchrun."""
-    rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-    if rank is None or world_size is None:
-        return None
-    try:
-        index, count = int(rank), int(world_size)
-    except ValueError:
-        raise UsageError(f"invalid torchrun environment RANK={rank!r} WORLD_SIZE="
-                         f"{world_size!r}; expected integers") from None
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"invalid torchrun environment RANK={rank!r} WORLD_SIZE="
-                         f"{world_size!r}; expected 0 <= RANK < WORLD_SIZE")
     return index, count
 
 
@@ -304,8 +287,9 @@ def _combine(directory: Path, shards: list, job: dict, count: int) -> SampleSet:
     if set(owner) != expected:
         absent = sorted(expected - set(owner))[:10]
         extra = sorted(set(owner) - expected)[:10]
-        raise UsageError(f"the shards in {directory} do not hold samples 0..{job['num_samples'] - 1}"
-                         f" exactly (missing {absent}, unexpected {extra}); sample them again")
+        last = job["num_samples"] - 1
+        raise UsageError(f"the shards in {directory} do not contain samples 0..{last} exactly "
+                         f"(missing {absent}, unexpected {extra}); sample them again")
 
     all_indices = np.concatenate(indices)
     order = np.argsort(all_indices)
@@ -321,8 +305,8 @@ def read_samples(path) -> SampleSet:
     if path.is_dir():
         return merge_shards(path)
     samples = load_samples(path)
-    if samples.metadata.get("shard") not in (None,):
-        shard = samples.metadata["shard"]
+    shard = samples.metadata.get("shard")
+    if shard is not None:
         raise UsageError(f"{path} holds shard {shard['index']}/{shard['count']} only; pass its "
                          "shard folder so that all shards are merged")
     return samples

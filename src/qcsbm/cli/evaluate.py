@@ -5,8 +5,9 @@
     qcsbm eval quality --workdir DIR [--samples FILE_OR_DIR] [--ref NAME | --ref-stats FILE]
                        [--inception-weights PATH]
 
-Every evaluation appends one entry to the run's metrics.json (a JSON list; earlier entries
-are never changed) with the sample count, the checkpoint step and the settings. `nll`
+Every evaluation appends one entry to the run's metrics.json with the sample count, the
+checkpoint step and the settings. The file is a JSON list, and earlier entries stay as they
+are. `nll`
 reports bits per dimension of uniformly dequantized test images with the offset log2(L) -
 log2(scale) for the data's L levels and the model's input scale (see `qcsbm.evaluation`).
 `asym` also writes its per-level values as JSON and a PNG plot under DIR/eval/.

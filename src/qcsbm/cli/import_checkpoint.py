@@ -11,9 +11,9 @@ removed, the name-less EMA list gets its parameter names, and the training step 
 The configuration is a preset, a qcsbm JSON file, or the JSON form of a score_sde_pytorch
 config (sections "model", "data", "training", "optim" with score_sde's key names, as the
 NCSN++ fixtures ship it), translated by `config_from_score_sde`. Without --config, a
-config.json next to the checkpoint is used. The model the configuration builds must accept
-the checkpoint's model and EMA state dicts with the same keys and shapes, and the same VE
-noise levels in the `sigmas` buffer; otherwise one error lists the differences.
+config.json next to the checkpoint is used. The model that the configuration builds must have
+the keys and shapes of the checkpoint's model and EMA state dicts, and the same VE noise
+levels in the `sigmas` buffer. Otherwise one error lists the differences.
 
 The run folder gets the qcsbm run marker, config.json and checkpoints/ckpt_<step>.pt with the
 model and EMA weights, the step, the optimizer state (Adam moments re-indexed to the

@@ -10,12 +10,13 @@ sampler and its settings, the NFE, the seed and the shard. A PNG grid of the fir
 samples goes next to it.
 
 With `--shard i/n`, or under `torchrun --nproc_per_node n`, --out is a shard folder that
-receives one file per shard and a manifest; `qcsbm sample merge` checks and merges it (under
-torchrun, rank 0 merges once every rank is done; write --num-samples there, since torchrun
-reads --num as an abbreviation of its own --numa-binding). Sample i is drawn from a seed derived from
---seed and its block of --batch-size samples, so the merged samples equal those of one
-unsharded run with the same --seed and --batch-size, and a finished shard is skipped when
-the command runs again.
+receives one file per shard and a manifest. `qcsbm sample merge` checks and merges it, and
+under torchrun rank 0 merges once every rank is done. Write --num-samples under torchrun,
+because torchrun's parser reads --num as an abbreviation of its own --numa-binding.
+
+Sample i is drawn from a seed derived from --seed and its block of --batch-size samples, so
+the merged samples equal those of one unsharded run with the same --seed and --batch-size.
+A finished shard is skipped when the command runs again.
 """
 
 from __future__ import annotations
@@ -102,10 +103,29 @@ def run(args) -> int:
         return _merge(Path(args.directory), args.out)
 
     settings = _check_arguments(args)
-    shard = _shard(args)
+    from qcsbm.distributed import cleanup_distributed, init_distributed, launched_by_torchrun
+    from qcsbm.sample_shards import parse_shard
+
+    # Under torchrun each rank samples its own shard on its own device (its GPU on CUDA).
+    context = None
+    if args.shard is not None:
+        shard, device = parse_shard(args.shard), _device(args.device)
+    elif launched_by_torchrun():
+        context = init_distributed(args.device)
+        shard, device = (context.rank, context.world_size), context.device
+    else:
+        shard, device = None, _device(args.device)
+    try:
+        return _sample(args, settings, shard, device, context)
+    finally:
+        if context is not None:
+            cleanup_distributed()
+
+
+def _sample(args, settings: dict, shard, device, context) -> int:
+    from qcsbm.errors import UsageError
     from qcsbm.models import load_run
 
-    device = _device(args.device)
     run_ = load_run(args.workdir, use_ema=not args.use_model_weights,
                     step=args.checkpoint_step, device=device)
     if args.sampler == "pc" and settings["num_steps"] is None:
@@ -118,7 +138,7 @@ def run(args) -> int:
     sample_block = _block_sampler(run_, args.sampler, settings, device)
     if shard is None:
         return _sample_whole(out, job, sample_block, progress=not args.quiet)
-    return _sample_shard(out, job, sample_block, shard, torchrun=args.shard is None,
+    return _sample_shard(out, job, sample_block, shard, context=context,
                          progress=not args.quiet)
 
 
@@ -152,17 +172,6 @@ def _check_arguments(args) -> dict:
     check_solver_options(args.method, args.rtol, args.atol, args.max_nfe)
     return {"method": args.method, "rtol": args.rtol, "atol": args.atol,
             "max_nfe": args.max_nfe, "denoise": True}
-
-
-def _shard(args) -> tuple[int, int] | None:
-    from qcsbm.sample_shards import parse_shard, torchrun_shard
-
-    if args.shard is not None:
-        return parse_shard(args.shard)
-    found = torchrun_shard()
-    if found is not None and found[1] > 1:
-        return found
-    return None
 
 
 def _device(name):
@@ -276,8 +285,9 @@ def _sample_whole(out: Path, job: dict, sample_block, *, progress: bool) -> int:
     return 0
 
 
-def _sample_shard(out: Path, job: dict, sample_block, shard: tuple[int, int], *,
-                  torchrun: bool, progress: bool) -> int:
+def _sample_shard(out: Path, job: dict, sample_block, shard: tuple[int, int], *, context,
+                  progress: bool) -> int:
+    """Sample one shard into the shard folder `out`; under torchrun, rank 0 then merges."""
     from qcsbm.sample_shards import (block_ranges, finished_shard, prepare_shard_folder,
                                      sample_blocks, save_samples, shard_blocks, shard_path)
 
@@ -295,36 +305,14 @@ def _sample_shard(out: Path, job: dict, sample_block, shard: tuple[int, int], *,
         logger.info("wrote shard %d/%d with %d samples to %s", index, count,
                     len(samples.indices), path)
 
-    if torchrun and _wait_for_all_ranks():
-        if index == 0:
-            return _merge(out, None)
-        return 0
+    if context is not None:
+        # NOTE: a rank that fails before this point leaves the others waiting here until
+        # the process group's timeout (init_distributed's timeout_s).
+        context.barrier()
+        return _merge(out, None) if context.is_main_process else 0
     print(f"qcsbm sample: wrote shard {index}/{count} to {path}; once every shard is done, "
           f"run `qcsbm sample merge {out}`", file=sys.stderr)
     return 0
-
-
-def _wait_for_all_ranks() -> bool:
-    """Wait at a torch.distributed (gloo) barrier when torchrun's rendezvous is set up.
-
-    Returns False, without waiting, when MASTER_ADDR is not set; then the shards are merged
-    with `qcsbm sample merge`.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    if "MASTER_ADDR" not in os.environ or not dist.is_available():
-        return False
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo")
-    try:
-        dist.barrier()
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
-    return True
 
 
 def _merge(directory: Path, out) -> int:
