@@ -726,7 +726,7 @@ def _loop(model, state: TrainingState, settings: StepSettings, cfg: TrainConfig,
 
     def save() -> Path | None:
         if not is_main_process:
-            return None
+            return manager.path_for(state.step)   # the file that rank 0 writes
         path = manager.save(state.step, checkpoint_state(state, cfg, data,
                                                          settings.two_stage_backward))
         logger.info("saved checkpoint %s", path)
@@ -754,7 +754,7 @@ def _loop(model, state: TrainingState, settings: StepSettings, cfg: TrainConfig,
             steps_run += 1
             bar.update(1)
 
-            if result is not None:
+            if result is not None and is_main_process:
                 _report(result, step, training, bar, metrics, step_seconds / steps_run)
             if step % training.snapshot_freq == 0 or step == training.n_steps:
                 last_saved = save() or last_saved
