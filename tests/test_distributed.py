@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from qcsbm import distributed
+from qcsbm.checkpoints import load_checkpoint
 from qcsbm.errors import UsageError
 from qcsbm.losses import Objective, backward_two_stage, qc_loss
 from qcsbm.scores import EnergyScore, UnconstrainedScore
@@ -359,3 +365,78 @@ def test_autocast_disabled_matches_qc_loss():
     torch.testing.assert_close(mixed.dsm, expected.dsm, **TOLERANCE)
     torch.testing.assert_close(mixed.penalty, expected.penalty, **TOLERANCE)
     torch.testing.assert_close(mixed.total, expected.total, **TOLERANCE)
+
+
+# --- qcsbm train under torchrun ------------------------------------------------------------
+
+
+def run_train(workdir, *args, nproc: int | None = 2, wait: bool = True):
+    """Start `qcsbm train` under torchrun with `nproc` processes, or without it for None."""
+    launcher = [sys.executable, "-m", "qcsbm"]
+    if nproc is not None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", "-m", "qcsbm"]
+    command = [*launcher, "train", "--workdir", str(workdir), "--quiet", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    names = (workdir / "checkpoints").glob("ckpt_*.pt")
+    return sorted(int(path.stem.split("_")[1]) for path in names)
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("torchrun") / "run"
+    result = run_train(workdir, "--config", "digits-qcsbm", "--set", "training.n_steps=3",
+                       "--set", "data.batch_size=8")
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_torchrun_train_writes_one_checkpoint(torchrun_run):
+    workdir, result = torchrun_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint_steps(workdir) == [3]
+    saved = load_checkpoint(workdir / "checkpoints" / "ckpt_3.pt")
+    assert saved["step"] == 3
+    assert saved["loader"]["world_size"] == 2
+    assert saved["loader"]["batch_size"] == 4
+    assert "rank 1 of 2" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_stop_then_resume_elsewhere(torchrun_run, tmp_path):
+    source, first = torchrun_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+
+    # Resume under torchrun, saving every step, and stop it with SIGTERM after step 5.
+    process = run_train(workdir, "--resume", "--set", "training.n_steps=60", "--set",
+                        "training.snapshot_freq=1", wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and max(checkpoint_steps(workdir)) < 5:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    stopped_at = max(checkpoint_steps(workdir))
+    assert "resumed from" in output and "at step 3" in output, output[-3000:]
+    assert "stopped at step" in output, output[-3000:]
+    assert 5 <= stopped_at < 60
+
+    # Resume with one process instead of two.
+    resumed = run_train(workdir, "--resume", "--set", f"training.n_steps={stopped_at + 1}",
+                        nproc=None)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped_at}" in resumed.stderr
+    assert "resuming a run of 2 processes with 1" in resumed.stderr
+    assert max(checkpoint_steps(workdir)) == stopped_at + 1
+    saved = load_checkpoint(workdir / "checkpoints" / f"ckpt_{stopped_at + 1}.pt")
+    assert saved["loader"]["world_size"] == 1
+    assert saved["loader"]["batch_size"] == 8
