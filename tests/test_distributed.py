@@ -440,3 +440,21 @@ def test_torchrun_stop_then_resume_elsewhere(torchrun_run, tmp_path):
     saved = load_checkpoint(workdir / "checkpoints" / f"ckpt_{stopped_at + 1}.pt")
     assert saved["loader"]["world_size"] == 1
     assert saved["loader"]["batch_size"] == 8
+
+
+def test_trainer_ranks_share_global_noise():
+    # Each rank's t and z are its rows of the draw for the global batch, so a checkpoint of the
+    # shared generator resumes any number of ranks.
+    from qcsbm.trainer import StepSettings, _draw_rank_time_and_noise
+
+    sde = VESDE(sigma_min=0.01, sigma_max=5.0, t_min=1e-5)
+    batch = torch.zeros(3, 1, 2, 2)
+    single = StepSettings(sde=sde, objective=Objective())
+    t_all, noise_all = _draw_rank_time_and_noise(
+        single, torch.zeros(6, 1, 2, 2), torch.Generator().manual_seed(0))
+    for rank in range(2):
+        settings = StepSettings(sde=sde, objective=Objective(), rank=rank, world_size=2)
+        t, noise = _draw_rank_time_and_noise(settings, batch, torch.Generator().manual_seed(0))
+        rows = slice(3 * rank, 3 * rank + 3)
+        torch.testing.assert_close(t, t_all[rows], rtol=0, atol=0)
+        torch.testing.assert_close(noise, noise_all[rows], rtol=0, atol=0)

@@ -39,8 +39,8 @@ vector products and traces are float32. The Jacobian-vector products through the
 run in the network's autocast precision. On the CPU, "bf16" raises UsageError.
 
 Distributed training: under torchrun (`torchrun --nproc_per_node N -m qcsbm train ...`) each
-process joins the process group (see `qcsbm.distributed`), wraps the score model in
-DistributedDataParallel and loads its shard of every batch, data.batch_size / N images, so
+process joins the process group (see `qcsbm.distributed`) and wraps the score model in
+DistributedDataParallel. Each rank loads data.batch_size / N images of every step, so
 data.batch_size stays the global batch and must be divisible by N * training.accumulate.
 The step generator is the same on every rank: it draws t and z for the global batch and each
 rank takes its rows, so rank 0's checkpoint resumes any number of ranks. With N > 1 the probes
