@@ -64,8 +64,8 @@ class Toy2DConfig:
     datasets: tuple = ("checkerboard",)
     models: tuple = MODEL_KINDS
     seeds: tuple = (0,)
-    num_steps: int = 2000             # optimisation steps per model
-    batch_size: int = 2000            # fresh data points per step
+    num_steps: int = 1200             # optimisation steps per model
+    batch_size: int = 1000            # fresh data points per step
     lambda_qc: tuple = (1.0,)         # QCSBM balancing factors, in the authors' units
     estimator: str = "exact"          # QC penalty estimator: exact (cheap in 2-D) or Hutchinson
     num_probes: int = 1               # probes K for the Hutchinson estimators
@@ -74,11 +74,11 @@ class Toy2DConfig:
     ema_rate: float = 0.99            # EMA of the weights that are evaluated; 0 = no EMA
     sigma_min: float = 0.1
     sigma_max: float = 3.0
-    num_eval_points: int = 2000       # points for nll, asym, nasym and score_error
+    num_eval_points: int = 1000       # points for nll, asym, nasym and score_error
     num_noise_levels: int = 10
     num_samples: int = 5000           # samples (and data points) for precision and recall
     nearest_k: int = 3
-    pc_steps: int = 500               # predictor steps of the PC sampler
+    pc_steps: int = 300               # predictor steps of the PC sampler
     snr: float = 0.16                 # Langevin corrector signal-to-noise ratio
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
