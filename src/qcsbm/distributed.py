@@ -25,10 +25,11 @@ How the quasi-conservative (QC) penalty runs under DDP (tests/test_distributed.p
   there: jvp "auto" then falls back to double backward (correct but slower) and jvp "forward"
   raises RuntimeError.
 * The two-stage backward of the QCSBM authors' code (`qcsbm.losses.backward_two_stage`)
-  calls `backward()` twice on one forward pass. DDP reduces during the first call and ignores the second, so
-  the ranks would silently diverge. `micro_batch_contexts(..., two_stage=True)` therefore
-  turns DDP's reduction off for every micro-batch and `average_gradients` then averages
-  the accumulated gradients with one all-reduce, exactly once per step.
+  calls `backward()` twice on one forward pass. DDP reduces during the first call and
+  ignores the second, so the ranks would silently diverge. `micro_batch_contexts(...,
+  two_stage=True)` therefore turns DDP's reduction off for every micro-batch, and
+  `average_gradients` then averages the accumulated gradients with one all-reduce, exactly
+  once per step.
 
 Gradient accumulation: all micro-batches but the last run inside `model.no_sync()`, so DDP
 all-reduces once per step, in the last backward (see `micro_batch_contexts`).
@@ -39,6 +40,10 @@ The penalty is tr(J J^T) - tr(J J), a difference of two nearly equal sums once t
 close to conservative. bfloat16 keeps 8 significant bits, so rounding would dominate that
 difference. It is meant for CUDA. The tests run it with CPU autocast only, because this
 project's test machines have no GPU.
+
+NOTE: the NCCL and CUDA paths (one GPU per rank, autocast on CUDA) have not run yet; the
+tests use gloo on the CPU. `qcsbm train` does not call `autocast_qc_loss`: its "bf16" option
+runs the whole forward pass, the penalty's Jacobian products included, under autocast.
 """
 
 from __future__ import annotations
