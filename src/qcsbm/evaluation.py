@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from qcsbm.checkpoints import write_text_atomic
 from qcsbm.errors import UsageError
@@ -212,9 +213,7 @@ def nll_of_run(run, dataset, *, num: int | None = None, batch_size: int = 64,
     generator = torch.Generator().manual_seed(seed)
 
     values, nfes = [], []
-    batches = range(0, num, batch_size)
-    from tqdm.auto import tqdm
-    for start in tqdm(batches, desc="bits/dim", disable=not progress):
+    for start in tqdm(range(0, num, batch_size), desc="bits/dim", disable=not progress):
         indices = list(range(start, min(start + batch_size, num)))
         y = dataset.images(indices, dequantize=True, generator=generator)
         x = (scale * y + shift).to(device)

@@ -142,11 +142,11 @@ def _load(args):
 
     from qcsbm.evaluation import read_metrics
 
-    run_ = load_run(args.workdir, use_ema=not args.use_model_weights,
+    loaded = load_run(args.workdir, use_ema=not args.use_model_weights,
                     step=args.checkpoint_step, device=args.device or "cpu")
     read_metrics(args.workdir)  # a damaged metrics.json fails before the evaluation runs
     split = args.split if hasattr(args, "split") else "test"
-    return run_, load_eval_images(run_.config, split, args.data_path)
+    return loaded, load_eval_images(loaded.config, split, args.data_path)
 
 
 def _run_nll(args) -> int:
@@ -157,12 +157,12 @@ def _run_nll(args) -> int:
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     check_solver_options(args.method, args.rtol, args.atol, None)
 
-    run_, dataset = _load(args)
-    result = nll_of_run(run_, dataset, num=args.num, batch_size=args.batch_size,
+    loaded, dataset = _load(args)
+    result = nll_of_run(loaded, dataset, num=args.num, batch_size=args.batch_size,
                         divergence=args.divergence, num_probes=args.num_probes, seed=args.seed,
                         rtol=args.rtol, atol=args.atol, method=args.method,
                         device=args.device or "cpu", progress=not args.quiet)
-    entry = {**result, **run_summary(run_), "split": args.split}
+    entry = {**result, **run_summary(loaded), "split": args.split}
     path = append_metrics(args.workdir, entry)
     print(f"qcsbm eval nll: {result['bits_per_dim']:.4f} bits/dim on {result['num_samples']} "
           f"images (mean NFE {result['nfe_mean']:.1f}); appended to {path}", file=sys.stderr)
@@ -176,19 +176,19 @@ def _run_asym(args) -> int:
     for name in ("--num", "--num-levels", "--num-probes", "--batch-size"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
 
-    run_, dataset = _load(args)
-    result = asymmetry_of_run(run_, dataset, num=args.num, num_levels=args.num_levels,
+    loaded, dataset = _load(args)
+    result = asymmetry_of_run(loaded, dataset, num=args.num, num_levels=args.num_levels,
                               num_probes=args.num_probes, seed=args.seed,
                               batch_size=args.batch_size, device=args.device or "cpu")
-    entry = {**result, **run_summary(run_), "split": args.split}
+    entry = {**result, **run_summary(loaded), "split": args.split}
 
     out_dir = Path(args.workdir) / EVAL_DIR_NAME
-    stem = f"asym_step{run_.step}_{run_.weights}"
+    stem = f"asym_step{loaded.step}_{loaded.weights}"
     json_path = out_dir / f"{stem}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json_path, json.dumps(entry, indent=2) + "\n")
     png_path = plot_asymmetry(result, out_dir / f"{stem}.png",
-                              title=f"{run_.config.training.kind} step {run_.step}")
+                              title=f"{loaded.config.training.kind} step {loaded.step}")
     append_metrics(args.workdir, {**entry, "json": str(json_path), "plot": str(png_path)})
     print(f"qcsbm eval asym: wrote {json_path} and {png_path}", file=sys.stderr)
     return 0

@@ -126,16 +126,16 @@ def _sample(args, settings: dict, shard, device, context) -> int:
     from qcsbm.errors import UsageError
     from qcsbm.models import load_run
 
-    run_ = load_run(args.workdir, use_ema=not args.use_model_weights,
+    loaded = load_run(args.workdir, use_ema=not args.use_model_weights,
                     step=args.checkpoint_step, device=device)
     if args.sampler == "pc" and settings["num_steps"] is None:
-        settings["num_steps"] = run_.config.model.num_scales
-    job = _job(args, run_, settings)
-    out = Path(args.out) if args.out else _default_out(args, run_, sharded=shard is not None)
+        settings["num_steps"] = loaded.config.model.num_scales
+    job = _job(args, loaded, settings)
+    out = Path(args.out) if args.out else _default_out(args, loaded, sharded=shard is not None)
     if shard is None and out.suffix != ".npz":
         raise UsageError(f"invalid --out {str(out)!r}; expected a file name ending in .npz")
 
-    sample_block = _block_sampler(run_, args.sampler, settings, device)
+    sample_block = _block_sampler(loaded, args.sampler, settings, device)
     if shard is None:
         return _sample_whole(out, job, sample_block, progress=not args.quiet)
     return _sample_shard(out, job, sample_block, shard, context=context,
@@ -199,28 +199,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _job(args, run_, settings: dict) -> dict:
+def _job(args, loaded, settings: dict) -> dict:
     """Return the settings that every shard of one job must share."""
     return {
         "workdir": str(Path(args.workdir).resolve()),
-        "checkpoint": run_.checkpoint_path.name,
-        "checkpoint_sha256": _sha256(run_.checkpoint_path),
-        "checkpoint_step": run_.step,
-        "weights": run_.weights,
+        "checkpoint": loaded.checkpoint_path.name,
+        "checkpoint_sha256": _sha256(loaded.checkpoint_path),
+        "checkpoint_step": loaded.step,
+        "weights": loaded.weights,
         "sampler": args.sampler,
         "settings": settings,
         "seed": args.seed,
         "num_samples": args.num,
         "batch_size": args.batch_size,
-        "image_shape": list(run_.data["image_shape"]),
-        "data": {key: run_.data.get(key) for key in ("name", "num_levels", "scale", "shift",
+        "image_shape": list(loaded.data["image_shape"]),
+        "data": {key: loaded.data.get(key) for key in ("name", "num_levels", "scale", "shift",
                                                      "dequantize")},
     }
 
 
-def _default_out(args, run_, *, sharded: bool) -> Path:
-    stem = f"{args.sampler}_step{run_.step}_seed{args.seed}_n{args.num}"
-    if run_.weights == "model":
+def _default_out(args, loaded, *, sharded: bool) -> Path:
+    stem = f"{args.sampler}_step{loaded.step}_seed{args.seed}_n{args.num}"
+    if loaded.weights == "model":
         stem += "_model-weights"
     from qcsbm.evaluation import SAMPLES_DIR_NAME
 
@@ -230,19 +230,19 @@ def _default_out(args, run_, *, sharded: bool) -> Path:
 
 # --- sampling -------------------------------------------------------------------------------
 
-def _block_sampler(run_, sampler: str, settings: dict, device):
+def _block_sampler(loaded, sampler: str, settings: dict, device):
     """Return sample_block(count, generator) -> (uint8 images, nfe) for the run's model."""
     import torch
 
     from qcsbm.evaluation import samples_to_images
     from qcsbm.sampling import ode_sample, pc_sample
 
-    shape_tail = tuple(run_.data["image_shape"])
+    shape_tail = tuple(loaded.data["image_shape"])
 
     def sample_block(count: int, generator):
         shape = (count, *shape_tail)
         if sampler == "pc":
-            result = pc_sample(run_.score_model, run_.sde, shape,
+            result = pc_sample(loaded.score_model, loaded.sde, shape,
                                num_steps=settings["num_steps"],
                                predictor=settings["predictor"],
                                corrector=settings["corrector"],
@@ -251,7 +251,7 @@ def _block_sampler(run_, sampler: str, settings: dict, device):
                                corrector_steps=settings["corrector_steps"],
                                denoise=settings["denoise"], generator=generator, device=device)
         else:
-            result = ode_sample(run_.score_model, run_.sde, shape, rtol=settings["rtol"],
+            result = ode_sample(loaded.score_model, loaded.sde, shape, rtol=settings["rtol"],
                                 atol=settings["atol"], method=settings["method"],
                                 max_nfe=settings["max_nfe"], denoise=settings["denoise"],
                                 generator=generator, device=device)
@@ -259,7 +259,7 @@ def _block_sampler(run_, sampler: str, settings: dict, device):
         if non_finite:
             logger.warning("%d non-finite values in a batch of %d samples; they are written "
                            "as level 0", non_finite, count)
-        return samples_to_images(result.samples, run_.data), result.nfe
+        return samples_to_images(result.samples, loaded.data), result.nfe
 
     return sample_block
 
