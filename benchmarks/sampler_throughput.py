@@ -1,4 +1,7 @@
-"""Time the samplers and the likelihood on the 2-D network and on a small image network.
+"""Time the samplers and the likelihood on the 2-D network and on small image networks.
+
+The image networks are a three-layer convolutional network on 32x32x3 and the compact NCSN++
+(`NCSNpp.compact(8, 1)`) on 8x8x1.
 
 For each case prints one Markdown row with the wall time, the number of score evaluations
 (NFE), the time per evaluation and the throughput in samples per second. The networks are
@@ -7,7 +10,7 @@ evaluation, not the NFE a trained model needs. The fixed-grid samplers' NFE equa
 step counts.
 
     python benchmarks/sampler_throughput.py [--num-steps 100] [--toy-batch 1000]
-        [--image-batch 16] [--threads N] [--device cpu] [--out FILE.md]
+        [--image-batch 16] [--compact-batch 16] [--threads N] [--device cpu] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from qcsbm.likelihood import log_likelihood
+from qcsbm.nets import NCSNpp
 from qcsbm.nets.toy2d import ToyScoreNet
 from qcsbm.sampling import NFELimitError, ode_sample, pc_sample
 from qcsbm.scores import EnergyScore, UnconstrainedScore
@@ -103,12 +107,29 @@ def cases(args):
         lambda: log_likelihood(image_model, image_sde, image_data, divergence="hutchinson",
                                generator=generator, max_nfe=MAX_NFE))
 
+    # The compact NCSN++ outputs the score itself (its output is divided by sigma).
+    compact = UnconstrainedScore(NCSNpp.compact(8, 1), image_sde, output="score")
+    compact = compact.to(device).eval()
+    compact_shape = (args.compact_batch, 1, 8, 8)
+    compact_data = torch.rand(compact_shape, generator=generator, device=device)
+    name = "8x8x1 compact NCSN++ USBM"
+    yield name, f"PC reverse diffusion, {steps} steps", args.compact_batch, (
+        lambda: pc_sample(compact, image_sde, compact_shape, num_steps=steps,
+                          generator=generator, device=device))
+    yield name, "ODE dopri5", args.compact_batch, (
+        lambda: ode_sample(compact, image_sde, compact_shape, **solver))
+    yield name, "likelihood, Hutchinson, 1 probe", args.compact_batch, (
+        lambda: log_likelihood(compact, image_sde, compact_data, divergence="hutchinson",
+                               generator=generator, max_nfe=MAX_NFE))
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-steps", type=int, default=100, help="steps of the PC samplers")
     parser.add_argument("--toy-batch", type=int, default=1000, help="batch of 2-D samples")
     parser.add_argument("--image-batch", type=int, default=16, help="batch of 32x32 images")
+    parser.add_argument("--compact-batch", type=int, default=16,
+                        help="batch of 8x8 images for the compact NCSN++")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device, for example cuda")
     parser.add_argument("--out", default=None, help="also write the table to this file")
