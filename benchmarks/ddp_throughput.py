@@ -1,8 +1,8 @@
 """Measure training throughput of 2-process DDP (gloo, CPU) against one process.
 
 Both sides train the compact NCSN++ of the digits presets on random 8x8 images with the same
-global batch: one process with T threads, or W processes with T / W threads each and
-batch / W images per rank. A step is forward, backward (with the DDP all-reduce), gradient
+global batch: one process with T threads, or W processes with max(1, T // W) threads each
+and batch / W images per rank. A step is forward, backward (with the DDP all-reduce), gradient
 clipping and Adam. Prints a Markdown table of seconds per step and images per second.
 
     python benchmarks/ddp_throughput.py [--batch 32] [--steps 5] [--threads 2]
@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="global batch per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="CPU threads in total, split evenly over the processes")
+                        help="CPU threads of the single process; each of the W processes "
+                        "gets threads // W, at least 1")
     parser.add_argument("--world-size", type=int, default=2, help="processes of the DDP run")
     parser.add_argument("--kinds", nargs="+", default=["usbm", "qcsbm-nonnegative"],
                         choices=list(VARIANTS), help="variants to time")
@@ -112,9 +113,12 @@ def main() -> None:
     single = measure(1, args)
     multi = measure(args.world_size, args)
 
+    per_rank = max(1, args.threads // args.world_size)
     lines = [f"DDP throughput, compact NCSN++ on 8x8 images, global batch {args.batch}, "
-             f"{args.threads} threads in total ({platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}, median of {args.steps} steps)", "",
+             f"1 process with {args.threads} threads against {args.world_size} with "
+             f"{per_rank} each ({platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.steps} steps)",
+             "",
              f"| variant | 1 process s/step | {args.world_size} processes s/step | "
              f"1 process img/s | {args.world_size} processes img/s | speed-up |",
              "|---|---|---|---|---|---|"]
