@@ -470,9 +470,10 @@ class CheckpointManager:
     def load_latest(self) -> tuple[Path, dict] | None:
         """Load the newest complete checkpoint and return (path, state), or None if none exists.
 
-        Tries the pointer's checkpoint first, then the others from the highest step down,
-        logging a warning for each file that fails to load. Raises CheckpointError listing
-        every file and its problem when checkpoints exist but none loads.
+        Tries the pointer's checkpoint first, then the others from the highest step down.
+        When an older file loads, a warning names each newer file that failed and why.
+        Raises CheckpointError listing every file and its problem when checkpoints exist but
+        none loads; nothing is logged then, so a command prints the problem once.
         """
         pointed = self._read_pointer()
         candidates = [path for _, path in reversed(self.checkpoints()) if path != pointed]
@@ -484,9 +485,10 @@ class CheckpointManager:
             try:
                 state = load_checkpoint(path)
             except CheckpointError as error:
-                logger.warning("skipping checkpoint: %s", error)
                 failures.append(str(error))
                 continue
+            for failure in failures:
+                logger.warning("skipping checkpoint: %s", failure)
             if failures:
                 logger.warning("loaded %s instead of a newer checkpoint", path)
             return path, state
