@@ -77,6 +77,9 @@ def run(args) -> int:
     """Run the subcommand."""
     from qcsbm.config import apply_overrides
 
+    # An occupied --out is reported before the configuration and the data are read, which
+    # log their own messages.
+    _check_out(Path(args.out), args.overwrite)
     checkpoint = Path(args.path)
     cfg = apply_overrides(load_import_config(args.config, checkpoint), args.overrides)
     result = import_checkpoint(checkpoint, args.out, cfg, overwrite=args.overwrite)
@@ -85,6 +88,24 @@ def run(args) -> int:
     print(f"qcsbm import-checkpoint: wrote {result['checkpoint']} (step {result['step']})"
           f"{resume_note}", file=sys.stderr)
     return 0
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Raise UsageError when `out` holds files that `prepare_run_dir` would refuse to replace."""
+    from qcsbm.errors import UsageError
+    from qcsbm.runs import MARKER_NAME, is_run_dir
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"run directory {out} exists and is not a directory")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise UsageError(f"run directory {out} exists and is not empty; pass --overwrite to "
+                         "replace it or choose another --out")
+    if not is_run_dir(out):
+        raise UsageError(f"cannot overwrite {out}: it is not empty and has no {MARKER_NAME} "
+                         "marker, so it does not look like a qcsbm run; choose another "
+                         "directory or empty it yourself")
 
 
 # --- configuration --------------------------------------------------------------------------
