@@ -232,7 +232,7 @@ def evaluate_model(score_model, dataset, sde, config, seed, quiet):
 
 
 def model_runs(config: Toy2DConfig):
-    """Yield (kind, lambda_qc) for every model the study trains."""
+    """Yield (kind, lambda_qc) for every model the study trains, in the order given."""
     for kind in config.models:
         if kind == "qcsbm":
             for value in config.lambda_qc:
@@ -242,36 +242,49 @@ def model_runs(config: Toy2DConfig):
 
 
 def run_study(config: Toy2DConfig, out, *, quiet: bool = False) -> dict:
-    """Train and evaluate every (data set, model, lambda, seed); write metrics, table, figures."""
+    """Train and evaluate every (data set, seed, model, lambda); write metrics, table, figures.
+
+    metrics.json is rewritten after every model with `"complete": false`, so a stopped run
+    keeps the results it has; the table and the figures are written at the end.
+    """
     sde = VESDE(config.sigma_min, config.sigma_max)
     records, curves, samples = [], {}, {}
     for name in config.datasets:
         dataset = get_toy_dataset(name)
-        for kind, lambda_qc in model_runs(config):
-            for seed in config.seeds:
-                start = time.perf_counter()
-                model, train_seconds = train_model(kind, lambda_qc, dataset, sde, config, seed,
-                                                   quiet)
-                metrics, level_curves, points = evaluate_model(model, dataset, sde, config,
-                                                               seed, quiet)
-                record = {"dataset": name, "model": kind, "lambda_qc": lambda_qc, "seed": seed,
-                          **metrics, "train_seconds": train_seconds}
+        for seed in config.seeds:
+            for kind, lambda_qc in model_runs(config):
+                record, level_curves, model, points = _train_and_evaluate(
+                    kind, lambda_qc, dataset, sde, config, seed, quiet)
                 records.append(record)
                 key = (name, kind, lambda_qc)
                 curves.setdefault(key, []).append(level_curves)
                 samples.setdefault(key, (model, points))
-                logger.info("%s %s lambda=%g seed %d: nasym %.3g, nll %.3f, %.0f s", name,
-                            kind, lambda_qc, seed, metrics["nasym"], metrics["nll"],
-                            time.perf_counter() - start)
+                common.write_metrics(out, _payload(config, records, curves, complete=False))
 
-    summary = summarize(records)
-    payload = {"study": "toy2d", "settings": config, "results": records, "summary": summary,
-               "curves": [{"dataset": key[0], "model": key[1], "lambda_qc": key[2],
-                           "seeds": value} for key, value in curves.items()]}
+    payload = _payload(config, records, curves, complete=True)
     common.write_metrics(out, payload)
-    (out / "table.md").write_text(toy2d_report.markdown_table(summary, METRIC_KEYS))
-    toy2d_report.write_figures(out, config, sde, summary, curves, samples, quiet=quiet)
+    (out / "table.md").write_text(toy2d_report.markdown_table(payload["summary"], METRIC_KEYS))
+    toy2d_report.write_figures(out, config, sde, payload["summary"], curves, samples,
+                               quiet=quiet)
     return payload
+
+
+def _train_and_evaluate(kind, lambda_qc, dataset, sde, config, seed, quiet):
+    start = time.perf_counter()
+    model, train_seconds = train_model(kind, lambda_qc, dataset, sde, config, seed, quiet)
+    metrics, level_curves, points = evaluate_model(model, dataset, sde, config, seed, quiet)
+    record = {"dataset": dataset.name, "model": kind, "lambda_qc": lambda_qc, "seed": seed,
+              **metrics, "train_seconds": train_seconds}
+    logger.info("%s %s lambda=%g seed %d: nasym %.3g, nll %.3f, %.0f s", dataset.name, kind,
+                lambda_qc, seed, metrics["nasym"], metrics["nll"], time.perf_counter() - start)
+    return record, level_curves, model, points
+
+
+def _payload(config, records, curves, *, complete):
+    return {"study": "toy2d", "complete": complete, "settings": config, "results": records,
+            "summary": summarize(records),
+            "curves": [{"dataset": key[0], "model": key[1], "lambda_qc": key[2],
+                        "seeds": value} for key, value in curves.items()]}
 
 
 def summarize(records: list) -> list:
