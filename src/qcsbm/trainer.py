@@ -537,11 +537,25 @@ class MetricsLog:
                                         purge_step=resumed_step)
 
     def _drop_after(self, step: int) -> None:
-        """Remove lines of steps after the checkpoint a resumed run continues from."""
+        """Remove lines of steps after the checkpoint a resumed run continues from.
+
+        A line that is not valid JSON is dropped with a warning: a process killed while it
+        appended a record leaves such a partial last line.
+        """
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                logger.warning("dropping line %d of %s, which is not valid JSON (a write "
+                               "interrupted by a kill leaves such a line)", number, self.path)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict) -> None:
