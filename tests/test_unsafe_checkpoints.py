@@ -2,8 +2,8 @@
 
 Each crafted file contains an object whose `__reduce__` makes plain unpickling call `exec`,
 which would create a marker file. A control test shows that `torch.load(weights_only=False)`
-does create it, so the payload is live. Every command must exit with code 2, name the file
-as unsafe, create no marker and leave the file as it was.
+does create it, so the payload is live. Every command must exit with code 2, name the file and
+the rejected global, create no marker and leave the file as it was.
 """
 
 import hashlib
@@ -123,7 +123,7 @@ def test_run_folder_with_planted_checkpoint(trained_run, tmp_path, capsys, comma
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert not marker.exists()
-    assert "unsafe" in stderr
+    assert "exec" in stderr  # the message names the global that loading would call
     assert str(evil) in stderr
     assert file_hash(evil) == before
 
@@ -141,7 +141,8 @@ def test_train_init_from_rejects(tmp_path, capsys, name):
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert not marker.exists()
-    assert "unsafe" in stderr
+    assert "exec" in stderr  # the message names the global that loading would call
+    assert str(evil) in stderr
     assert not (tmp_path / "run").exists()
     assert file_hash(evil) == before
 
@@ -159,7 +160,8 @@ def test_import_checkpoint_rejects(tmp_path, capsys, name):
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert not marker.exists()
-    assert "unsafe" in stderr
+    assert "exec" in stderr  # the message names the global that loading would call
+    assert str(evil) in stderr
     assert not (tmp_path / "run").exists()
     assert file_hash(evil) == before
 
