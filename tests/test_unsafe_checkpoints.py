@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from qcsbm.checkpoints import load_checkpoint
 from qcsbm.cli import main
 from qcsbm.config import apply_overrides
 from qcsbm.errors import UsageError
@@ -126,6 +127,31 @@ def test_run_folder_with_planted_checkpoint(trained_run, tmp_path, capsys, comma
     assert "exec" in stderr  # the message names the global that loading would call
     assert str(evil) in stderr
     assert file_hash(evil) == before
+
+
+def test_resume_skips_planted_checkpoint(tmp_path, caplog):
+    # With an older complete checkpoint, resume rejects the planted newest one and uses it.
+    workdir = tmp_path / "run"
+    cfg = apply_overrides(preset_config("digits-usbm"),
+                          TINY + ["training.n_steps=2", "training.snapshot_freq=1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, workdir, progress=False, device="cpu")
+        marker = tmp_path / "marker"
+        evil = write_payload(workdir / "checkpoints" / "ckpt_2.pt", qcsbm_payload(marker))
+        with caplog.at_level("WARNING"):
+            code = main(["train", "--resume", "--workdir", str(workdir), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+
+    assert code == 0
+    assert not marker.exists()
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelname == "WARNING"]
+    assert any(str(evil) in message and "exec" in message for message in warnings), warnings
+    assert any("loaded" in message and "ckpt_1.pt" in message for message in warnings), warnings
+    assert load_checkpoint(evil)["step"] == 2
 
 
 @pytest.mark.parametrize("name", list(PAYLOADS))
