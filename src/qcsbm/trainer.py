@@ -33,10 +33,12 @@ Stopping: SIGTERM or SIGINT finishes the current step, writes a checkpoint and r
 `NonFiniteError` naming the step, the term and the noise levels, and the last checkpoint
 stays as it is. With `training.on_nonfinite` "skip" the step is skipped instead.
 
-Mixed precision ("bf16", CUDA only): the network's forward pass runs under bfloat16
-autocast and its output is cast to float32, so the DSM term, the probes and the penalty's
-vector products and traces are float32. The Jacobian-vector products through the network
-run in the network's autocast precision. On the CPU, "bf16" raises UsageError.
+Mixed precision ("bf16", CUDA only): the DSM forward pass runs under bfloat16 autocast
+(`qcsbm.distributed.autocast_qc_loss`), while the asymmetry penalty gets its own float32
+forward pass of the penalized samples. The penalty is a difference of Jacobian traces that
+nearly cancel for a nearly conservative field, and bfloat16's 8-bit mantissa would bury it in
+rounding error. The two-stage backward has no autocast path and raises UsageError with bf16.
+On the CPU, "bf16" raises UsageError.
 
 Distributed training: under torchrun (`torchrun --nproc_per_node N -m qcsbm train ...`) each
 process joins the process group (see `qcsbm.distributed`) and wraps the score model in
@@ -156,6 +158,7 @@ class StepSettings:
     rank: int = 0              # this process's rank and the number of processes (DDP)
     world_size: int = 1
     seed: int = 0              # training.seed, from which ranks derive their probe streams
+    mixed_precision: str = "no"  # "bf16": DSM under autocast, the penalty in float32
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -276,22 +279,6 @@ def make_objective(cfg: TrainConfig) -> Objective:
                      jvp=training.jvp)
 
 
-def _use_bf16_forward(net: nn.Module) -> None:
-    """Run `net`'s forward under CUDA bfloat16 autocast and return float32 outputs.
-
-    Patches the instance, not the class, so copies made before (the EMA) stay in float32.
-    """
-    # NOTE: this path has not run on a GPU yet; the tests cover only its rejection on the CPU.
-    forward = net.forward
-
-    def forward_bf16(*args, **kwargs):
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            output = forward(*args, **kwargs)
-        return output.float()
-
-    net.forward = forward_bf16
-
-
 # --- initial weights (fine-tuning) -------------------------------------------------------
 
 def _ema_updates_at_full_rate(rate: float) -> int:
@@ -403,8 +390,14 @@ def _micro_batch_backward(model, settings: StepSettings, x0, t, noise, generator
         _check_finite(terms, step)
         return terms
 
-    terms = qc_loss(model, settings.sde, x0, settings.objective, t=t, noise=noise,
-                    generator=generator)
+    if settings.mixed_precision == "bf16":
+        # NOTE: this path has not run on a GPU yet; CPU tests cover only its rejection.
+        terms = distributed.autocast_qc_loss(model, settings.sde, x0, settings.objective, t=t,
+                                             noise=noise, generator=generator,
+                                             dtype=torch.bfloat16, device_type="cuda")
+    else:
+        terms = qc_loss(model, settings.sde, x0, settings.objective, t=t, noise=noise,
+                        generator=generator)
     _check_finite(terms, step)
     (terms.total * scale).backward()
     return terms
@@ -610,6 +603,9 @@ def train(cfg: TrainConfig, workdir, *, resume: bool = False, overwrite: bool = 
             is written then.
         NonFiniteError: a non-finite loss term or gradient norm (see the module docstring).
     """
+    if cfg.training.mixed_precision == "bf16" and two_stage_backward:
+        raise UsageError("invalid training.mixed_precision 'bf16' with the two-stage backward; "
+                         "use 'no', or a single-backward estimator")
     context = None
     if world_size == 1 and wrap_model is None and distributed.launched_by_torchrun():
         context = distributed.init_distributed(resolve_device(device, cfg))
@@ -668,14 +664,13 @@ def _train_process(cfg: TrainConfig, workdir, *, resume: bool, overwrite: bool, 
     if is_main_process:
         save_json(cfg, run.config_path)
 
-    if cfg.training.mixed_precision == "bf16":
-        _use_bf16_forward(state.score_model.net)
     model = wrap_model(state.score_model) if wrap_model is not None else state.score_model
     settings = StepSettings(sde=sde, objective=make_objective(cfg),
                             accumulate=cfg.training.accumulate,
                             two_stage_backward=two_stage_backward,
                             grad_clip=cfg.optim.grad_clip, on_nonfinite=cfg.training.on_nonfinite,
-                            rank=rank, world_size=world_size, seed=cfg.training.seed)
+                            rank=rank, world_size=world_size, seed=cfg.training.seed,
+                            mixed_precision=cfg.training.mixed_precision)
     metrics = MetricsLog(run.path, enabled=is_main_process,
                          resumed_step=state.step if resume else None)
 
