@@ -1,4 +1,4 @@
-"""Run every benchmark script and write their results, with the speed targets, to one page.
+"""Run every benchmark script and write the results, with the speed targets, to one page.
 
 Each script runs in its own process with the same number of torch threads (--threads, also
 exported as OMP_NUM_THREADS). The page records the machine (CPU model, cores, load average
@@ -79,7 +79,7 @@ SCRIPTS = [
            ["--batch", "32", "--steps", "3", "--world-size", "2"],
            ["--batch", "4", "--steps", "1", "--world-size", "2"]),
     Script("oracle", "2spirals oracle", "oracle_spirals.py",
-           ["--queries", "10000", "--points", "50000"],
+           ["--queries", "10000", "--points", "50000", "--sigmas", "0.1", "1.0"],
            ["--queries", "200", "--points", "2000", "--sigmas", "0.1"]),
     Script("features", "Feature pass, FID, KID and PRDC", "feature_pass.py",
            ["--num-images", "32", "--stat-points", "2000", "--prdc-points", "5000"],
@@ -91,7 +91,7 @@ SCRIPTS = [
 
 @dataclasses.dataclass
 class Outcome:
-    """What one script produced: its exit status, wall time, output and JSON results.
+    """The result of one script: exit status, wall time, output and JSON results.
 
     `returncode` is None when the script was not found or timed out, and `failure`
     gives the reason for any outcome other than exit status 0.
@@ -109,11 +109,14 @@ class Outcome:
 # --- running ---------------------------------------------------------------------------------
 
 
-def run_script(script: Script, args, work: Path) -> Outcome:
+def run_script(script: Script, args, work: Path, timeout: float) -> Outcome:
     """Run one script in a fresh process and collect what it printed and wrote."""
     path = HERE / script.file
     if not path.is_file():
         return Outcome(script, None, 0.0, "", f"{path} not found", failure="not found")
+    if timeout <= 0:
+        return Outcome(script, None, 0.0, "", "no time left in --budget",
+                       failure="skipped, no time left in --budget")
 
     command = [sys.executable, str(path), *(script.quick if args.quick else script.full)]
     if script.accepts_threads:
@@ -127,12 +130,12 @@ def run_script(script: Script, args, work: Path) -> Outcome:
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE.parent,
-                              timeout=args.script_timeout)
+                              timeout=timeout)
     except subprocess.TimeoutExpired as error:
         seconds = time.perf_counter() - start
         print(f"  timed out after {seconds:.1f} s", flush=True)
         return Outcome(script, None, seconds, _text(error.stdout), _text(error.stderr),
-                       failure=f"timed out after {args.script_timeout:g} s")
+                       failure=f"timed out after {timeout:.0f} s")
     seconds = time.perf_counter() - start
     print(f"  exit status {done.returncode}, {seconds:.1f} s", flush=True)
 
@@ -267,7 +270,9 @@ def script_section(outcome: Outcome | None) -> list[str]:
             return feature_table(json.loads(text))
         except json.JSONDecodeError:
             return ["```", text, "```"]
-    return [text]
+
+    # A script's own "# title" line would become a top-level heading of the page.
+    return [line[2:] if line.startswith("# ") else line for line in text.splitlines()]
 
 
 def feature_table(result: dict) -> list[str]:
@@ -283,6 +288,8 @@ def render(outcomes: dict, args, started: str, load_before: str, load_after: str
     records = step_records(outcomes)
     cores = os.cpu_count()
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    if args.budget is not None:
+        command += f" --budget {args.budget:g}"
     lines = [
         "# Benchmarks",
         "",
@@ -360,16 +367,23 @@ def main() -> None:
                         help="run only these scripts")
     parser.add_argument("--script-timeout", type=float, default=900,
                         help="seconds after which a script is stopped and reported as failed")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: a script gets at most the time left, "
+                             "and scripts that would start after it are skipped")
     args = parser.parse_args()
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     load_before = load_average()
+    start = time.perf_counter()
     outcomes = {}
     with tempfile.TemporaryDirectory() as folder:
         for script in SCRIPTS:
             if args.only and script.key not in args.only:
                 continue
-            outcomes[script.key] = run_script(script, args, Path(folder))
+            timeout = args.script_timeout
+            if args.budget is not None:
+                timeout = min(timeout, args.budget - (time.perf_counter() - start))
+            outcomes[script.key] = run_script(script, args, Path(folder), timeout)
     load_after = load_average()
 
     page = render(outcomes, args, started, load_before, load_after, kept_notes(args.out))
