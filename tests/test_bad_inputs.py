@@ -306,18 +306,7 @@ CASES = [
 
 # Cases that still print more than the error line, or report another problem first. Each
 # reason names the fix; a strict xfail turns into a failure once the fix lands.
-KNOWN_BUGS = {
-    "train npz wrong image size": "the INFO line 'read 16 images ...' comes before the error, "
-                                  "because the image size is checked after the data is read",
-    "eval nll data path for digits": "the INFO line 'loaded EMA weights ...' comes before the "
-                                     "error, because the data path is checked after the model "
-                                     "is loaded",
-    "eval quality missing samples": "the Inception weights are looked up before the sample "
-                                    "file, so a missing sample file is reported as missing "
-                                    "Inception weights",
-    "eval quality missing ref stats": "the Inception weights are looked up before the "
-                                      "reference statistics file",
-}
+KNOWN_BUGS = {}
 
 
 def case_params():

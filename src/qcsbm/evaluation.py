@@ -366,12 +366,15 @@ def quality_of_run(workdir, *, samples=None, ref: str = "train", ref_stats=None,
         raise UsageError(f"invalid nearest_k {nearest_k!r}; expected an integer >= 1")
     read_metrics(workdir)  # a damaged metrics.json fails before the feature pass
 
-    # Fail on a missing weights file before any long work.
+    # Fail on missing input files first, then on a missing weights file, before long work.
+    if ref_stats is not None and not Path(ref_stats).is_file():
+        raise UsageError(f"reference statistics file {str(ref_stats)!r} not found; pass a "
+                         "file written by qcsbm.metrics.reference_stats or use --ref")
+    samples_path = Path(samples) if samples is not None else newest_samples(workdir)
+    sample_set = read_samples(samples_path)
     weights = None
     if extractor is None:
         weights = inception_weights_path(inception_weights, download=False)
-    samples_path = Path(samples) if samples is not None else newest_samples(workdir)
-    sample_set = read_samples(samples_path)
     job = sample_set.metadata.get("job", {})
     if job.get("workdir") and Path(job["workdir"]) != workdir.resolve():
         logger.warning("the samples in %s come from the run %s, not %s", samples_path,

@@ -208,7 +208,7 @@ def _run_from_state(state: dict, path: Path, *, use_ema: bool, device) -> Loaded
     check_state_dict_matches(score_model.net, weights, path)
     score_model.net.load_state_dict(weights)
     score_model.to(device).eval()
-    logger.info("loaded %s weights of step %d from %s", "EMA" if use_ema else "model",
+    logger.debug("loaded %s weights of step %d from %s", "EMA" if use_ema else "model",
                 state["step"], path)
     return LoadedRun(config=cfg, score_model=score_model, sde=sde, step=int(state["step"]),
                      weights="ema" if use_ema else "model", checkpoint_path=path,

@@ -89,7 +89,7 @@ def read_npz(path, *, key: str | None = None, channels: int | None = None) -> Im
         labels = torch.cat(labels)
 
     dataset = ImageDataset(torch.cat(levels), 256, f"npz:{path}", labels)
-    logger.info("read %d images of shape %s from %d npz file(s) in %s", len(dataset),
+    logger.debug("read %d images of shape %s from %d npz file(s) in %s", len(dataset),
                 dataset.image_shape, len(files), path)
     return dataset
 
@@ -240,7 +240,7 @@ def read_folder(path, *, channels: int | None = None, progress: bool = False) ->
 
     levels = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
     dataset = ImageDataset(levels, 256, f"folder:{root}")
-    logger.info("read %d images of shape %s from %s", len(dataset), dataset.image_shape, root)
+    logger.debug("read %d images of shape %s from %s", len(dataset), dataset.image_shape, root)
     return dataset
 
 
