@@ -6,8 +6,12 @@ before and after), the torch version and the date, and states for each speed tar
 this run meets it. A script that fails is listed with the end of its error output and the
 other scripts still run.
 
-    python benchmarks/run_all.py                 # the full run, about 15 minutes on 2 cores
+    python benchmarks/run_all.py                 # the full run
     python benchmarks/run_all.py --quick         # every script at tiny sizes, a smoke test
+    python benchmarks/run_all.py --budget 900    # skip what would run past 15 minutes
+
+NOTE: the full sizes aim at about 15 minutes on 2 idle cores, an estimate from runs on a
+loaded machine. Under a load average of 6 to 8 the NCSN++ script alone took over 10 minutes.
 
 Text after the line NOTES_MARKER in the existing output file is kept, so hand-written notes
 on a measurement survive a rerun.
@@ -49,6 +53,7 @@ class Script:
     quick: list[str]
     accepts_threads: bool = True
     writes_json: bool = False
+    all_cores: bool = False      # splits all CPU cores among its processes, whatever --threads
 
 
 SCRIPTS = [
@@ -62,22 +67,18 @@ SCRIPTS = [
            ["--networks", "compact8", "tiny", "--repeats", "1", "--batch-compact8", "2",
             "--batch-tiny", "2"],
            writes_json=True),
+    Script("sampler", "Sampler and likelihood throughput", "sampler_throughput.py",
+           ["--num-steps", "100", "--toy-batch", "1000", "--image-batch", "16",
+            "--compact-batch", "16"],
+           ["--num-steps", "3", "--toy-batch", "16", "--image-batch", "1", "--compact-batch", "1"]),
     Script("scaling", "Scaling of the training step", "scaling.py",
            ["--batches", "8", "16", "32", "64", "--image-sizes", "8", "16", "32",
             "--image-batch", "4", "--repeats", "2"],
            ["--batches", "2", "4", "--image-sizes", "8", "--image-batch", "1", "--repeats", "1"],
            writes_json=True),
-    Script("sampler", "Sampler and likelihood throughput", "sampler_throughput.py",
-           ["--num-steps", "100", "--toy-batch", "1000", "--image-batch", "16",
-            "--compact-batch", "16"],
-           ["--num-steps", "3", "--toy-batch", "16", "--image-batch", "1", "--compact-batch", "1"]),
-    Script("images", "Block sampling of `qcsbm sample` with the compact NCSN++",
-           "sample_throughput_images.py",
-           ["--batch-size", "32", "--pc-steps", "100"],
-           ["--batch-size", "2", "--pc-steps", "3", "--skip-features"]),
     Script("ddp", "Two-process DDP against one process", "ddp_throughput.py",
            ["--batch", "32", "--steps", "3", "--world-size", "2"],
-           ["--batch", "4", "--steps", "1", "--world-size", "2"]),
+           ["--batch", "4", "--steps", "1", "--world-size", "2"], all_cores=True),
     Script("oracle", "2spirals oracle", "oracle_spirals.py",
            ["--queries", "10000", "--points", "50000", "--sigmas", "0.1", "1.0"],
            ["--queries", "200", "--points", "2000", "--sigmas", "0.1"]),
@@ -86,6 +87,10 @@ SCRIPTS = [
            ["--num-images", "2", "--batch-size", "2", "--stat-points", "100", "--kid-subsets",
             "2", "--prdc-points", "100"],
            accepts_threads=False),
+    Script("images", "Block sampling of `qcsbm sample` with the compact NCSN++",
+           "sample_throughput_images.py",
+           ["--batch-size", "32", "--pc-steps", "100"],
+           ["--batch-size", "2", "--pc-steps", "3", "--skip-features"]),
 ]
 
 
@@ -120,7 +125,8 @@ def run_script(script: Script, args, work: Path, timeout: float) -> Outcome:
 
     command = [sys.executable, str(path), *(script.quick if args.quick else script.full)]
     if script.accepts_threads:
-        command += ["--threads", str(args.threads)]
+        threads = (os.cpu_count() or 1) if script.all_cores else args.threads
+        command += ["--threads", str(threads)]
     json_path = work / f"{script.key}.json"
     if script.writes_json:
         command += ["--json", str(json_path)]
@@ -262,8 +268,12 @@ def script_section(outcome: Outcome | None) -> list[str]:
     if outcome is None:
         return ["Not run."]
     if outcome.failure is not None:
+        # Rows printed before the failure are still measurements, so they are kept.
         tail = "\n".join(outcome.stderr.strip().splitlines()[-15:])
-        return [f"`{outcome.script.file}` {outcome.failure}:", "", "```", tail, "```"]
+        lines = [f"`{outcome.script.file}` {outcome.failure}:", "", "```", tail, "```"]
+        if outcome.stdout.strip():
+            lines += ["", "Output before it stopped:", "", outcome.stdout.strip()]
+        return lines
     text = outcome.stdout.strip()
     if outcome.script.key == "features":
         try:
