@@ -538,3 +538,22 @@ def test_sample_probes_distribution():
 def test_invalid_arguments_raise(call, message):
     with pytest.raises(UsageError, match=message):
         call(random_batch((2, 3)))
+
+
+def test_nonnegative_reuses_one_forward_pass():
+    # A second forward pass would draw a new dropout mask in train mode, so J v and J^T v
+    # would come from different networks.
+    calls = []
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(8, 3)).double().train()
+
+    def fn(x):
+        calls.append(1)
+        return net(x)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    estimate = jacobian_asymmetry(fn, x, method="nonnegative", num_probes=4,
+                                  generator=generator)
+    assert len(calls) == 1
+    assert bool((estimate >= 0).all())

@@ -139,6 +139,18 @@ def jvp_products(fn, x: torch.Tensor, tangents: torch.Tensor, *, jvp: str = "aut
         return batched_jvp(fn, x, tangents, mode="double-backward", create_graph=create_graph)
 
 
+def jvp_from_output(s: torch.Tensor, x: torch.Tensor, tangents: torch.Tensor,
+                    create_graph: bool) -> torch.Tensor:
+    """Return J v for each tangent from an output s = fn(x) already computed.
+
+    Uses J v = d/da [(J^T a) . v]: a VJP with a dummy cotangent a kept in the graph, then
+    a VJP of that with respect to a. Both reuse the forward pass that produced s.
+    """
+    dummy = torch.zeros_like(s, requires_grad=True)
+    (vjp_dummy,) = torch.autograd.grad(s, x, dummy, create_graph=True)
+    return batched_vjp(vjp_dummy, dummy, tangents, create_graph)
+
+
 # --- exact Jacobian --------------------------------------------------------------------------
 
 
@@ -198,7 +210,13 @@ def traces_from_output(fn, s: torch.Tensor, x: torch.Tensor, *, method: str = "e
         asym = tr_jjt - _per_sample_dot(w, v, 2)
         return asym.mean(dim=0), tr_jjt.mean(dim=0)
 
-    jv = jvp_products(fn, x, v, jvp=jvp, create_graph=create_graph)
+    if jvp == "forward":
+        jv = batched_jvp(fn, x, v, mode="forward", create_graph=create_graph)
+    else:
+        # J v from the same forward pass as J^T v: no second pass of the network, and one
+        # dropout mask for both products (a second pass in train mode would draw another).
+        check_choice("jvp", jvp, JVP_MODES)
+        jv = jvp_from_output(s, x, v, create_graph)
     asym = 0.5 * _per_sample_sq_norm(jv - u, 2)
     tr_jjt = 0.5 * (_per_sample_sq_norm(jv, 2) + _per_sample_sq_norm(u, 2))
     return asym.mean(dim=0), tr_jjt.mean(dim=0)
@@ -235,8 +253,10 @@ def jacobian_asymmetry(fn, x: torch.Tensor, *, method: str = "exact", num_probes
         num_probes: K probes per sample for the Hutchinson methods, averaged.
         probe: "rademacher" or "gaussian".
         generator: the source of the probes, for reproducible estimates.
-        jvp: how "nonnegative" computes J v: "forward" mode, "double-backward", or "auto"
-            (double-backward for energy scores, whose forward pass calls autograd).
+        jvp: how "nonnegative" computes J v. "auto" and "double-backward" take two reverse
+            passes through the forward pass already done. "forward" runs a second,
+            forward-mode pass with `torch.func`; it needs a deterministic network (no
+            dropout in train mode) and no autograd calls inside it (not an energy score).
         create_graph: keep the graph for a backward pass; default: whether grad is enabled.
     """
     asym, _ = asymmetry_and_trace(fn, x, method=method, num_probes=num_probes, probe=probe,
