@@ -219,3 +219,14 @@ def test_sample_after_train(tmp_path):
     assert samples.images.shape == (4, 8, 8, 1)
     assert samples.images.dtype == np.uint8
     assert json.loads(json.dumps(samples.metadata))["job"]["checkpoint_step"] == 3
+
+
+def test_existing_out_needs_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "mine.npz"
+    out.write_bytes(b"user data")
+    assert sample(run_dir, out, *PC_FAST, "--num", "1") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"user data"
+
+    assert sample(run_dir, out, *PC_FAST, "--num", "1", "--overwrite") == 0
+    assert load_samples(out).images.shape[0] == 1

@@ -541,6 +541,8 @@ def test_invalid_arguments_raise(call, message):
 
 
 def test_nonnegative_reuses_one_forward_pass():
+    from qcsbm.jacobian import jacobian_asymmetry
+
     # A second forward pass would draw a new dropout mask in train mode, so J v and J^T v
     # would come from different networks.
     calls = []

@@ -148,6 +148,11 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (["--lambda-qc", "-0.5"], "--lambda-qc"),
     (["--sigma-min", "5", "--sigma-max", "3"], "--sigma-min"),
     (["--preset", "huge"], "huge"),
+    (["--seeds", "0,,1"], "empty item"),
+    (["--lambda-qc", "1,"], "empty item"),
+    (["--dataset", ""], "--dataset"),
+    (["--sigma-max", "inf"], "--sigma-max"),
+    (["--seeds", "99999999999999999999999"], "--seeds"),
 ])
 def test_bad_options_exit_2(tmp_path, args, expected):
     out = tmp_path / "run"

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import warnings
+
 import torch
 from torch import nn
 
@@ -181,7 +183,11 @@ def load_checkpoint(path) -> dict:
     # torch.load raises many exception types for damaged files (EOFError, RuntimeError from
     # the zip reader, UnpicklingError, KeyError on garbage), so every failure is caught here.
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A legacy pickle triggers a UserWarning about its protocol; the file is rejected
+            # or read all the same, and the warning would add a second line to the error.
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"cannot load checkpoint {path}: "
                               f"{_describe_load_failure(error)}") from None

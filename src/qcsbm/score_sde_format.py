@@ -26,6 +26,8 @@ import os
 import pickle
 from collections.abc import Mapping
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -97,7 +99,11 @@ def _torch_load(path: str):
     # truncated zip archive, KeyError or EOFError for other bytes), so every failure of this one
     # call is reported as a CheckpointError that keeps the original message.
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A legacy pickle triggers a UserWarning about its protocol; the file is rejected
+            # or read all the same, and the warning would add a second line to the error.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"rejected checkpoint {path!r}: torch.load(weights_only=True) rejected it "

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from qcsbm import __version__
-from qcsbm.errors import UsageError
+from qcsbm.errors import NonFiniteError, UsageError
 
 logger = logging.getLogger("qcsbm")
 
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
         message = " ".join(str(error).split())
         print(f"qcsbm {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        message = " ".join(str(error).split())
+        print(f"qcsbm {args.command}: error: {message}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"qcsbm {args.command}: interrupted", file=sys.stderr)
         return 130

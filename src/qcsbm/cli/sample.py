@@ -60,6 +60,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", metavar="FILE",
                         help="the .npz file (a folder when sharded); default: "
                         "DIR/samples/<sampler>_step<step>_seed<seed>_n<N>[.npz]")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file and its PNG grid")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--shard", metavar="i/n",
                         help="draw only shard i of n into the shard folder --out")
@@ -100,7 +102,7 @@ def run(args) -> int:
                              "merge DIRECTORY) or options only; " + _EXAMPLE)
         if args.directory is None:
             raise UsageError("missing DIRECTORY: qcsbm sample merge DIRECTORY")
-        return _merge(Path(args.directory), args.out)
+        return _merge(Path(args.directory), args.out, args.overwrite)
 
     settings = _check_arguments(args)
     from qcsbm.distributed import cleanup_distributed, init_distributed, launched_by_torchrun
@@ -134,6 +136,8 @@ def _sample(args, settings: dict, shard, device, context) -> int:
     out = Path(args.out) if args.out else _default_out(args, loaded, sharded=shard is not None)
     if shard is None and out.suffix != ".npz":
         raise UsageError(f"invalid --out {str(out)!r}; expected a file name ending in .npz")
+    if shard is None:
+        _check_not_overwriting(out, args.overwrite)
 
     sample_block = _block_sampler(loaded, args.sampler, settings, device)
     if shard is None:
@@ -315,11 +319,22 @@ def _sample_shard(out: Path, job: dict, sample_block, shard: tuple[int, int], *,
     return 0
 
 
-def _merge(directory: Path, out) -> int:
+def _check_not_overwriting(out: Path, overwrite: bool) -> None:
+    """Raise UsageError if the sample file or its PNG grid exists and overwrite is off."""
+    from qcsbm.errors import UsageError
+
+    for path in (out, out.with_suffix(".png")):
+        if path.exists() and not overwrite:
+            raise UsageError(f"output file {str(path)!r} already exists; pass --overwrite to "
+                             "replace it or choose another --out")
+
+
+def _merge(directory: Path, out, overwrite: bool = False) -> int:
     from qcsbm.sample_shards import MERGED_NAME, merge_shards
 
-    samples = merge_shards(directory)
     path = Path(out) if out else directory / MERGED_NAME
+    _check_not_overwriting(path, overwrite)
+    samples = merge_shards(directory)
     _save_with_grid(path, samples)
     print(f"qcsbm sample: merged {samples.metadata['merged_shards']} shards with "
           f"{len(samples.indices)} samples into {path}", file=sys.stderr)

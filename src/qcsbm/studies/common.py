@@ -78,8 +78,11 @@ def config_from_args(presets: dict[str, Any], args: argparse.Namespace,
 
 def parse_int_list(text: str) -> tuple[int, ...]:
     """Parse a comma-separated list of integers such as "0,1,2" (argparse type)."""
+    if any(not part.strip() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"invalid integer list {text!r}; it has an empty item, expected for example 0,1,2")
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid integer list {text!r}; expected comma-separated integers such as 0,1,2"
@@ -91,8 +94,11 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 def parse_float_list(text: str) -> tuple[float, ...]:
     """Parse a comma-separated list of numbers such as "0,0.5e-3" (argparse type)."""
+    if any(not part.strip() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"invalid number list {text!r}; it has an empty item, expected for example 0,1e-3")
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid number list {text!r}; expected comma-separated numbers such as 0,1e-3"
@@ -111,6 +117,8 @@ def prepare_output_dir(out: str | Path, *, overwrite: bool) -> Path:
     With `overwrite`, an existing folder is reused: files of the same name are replaced and
     other files in it are left alone.
     """
+    if not str(out).strip():
+        raise UsageError("invalid --out ''; expected a folder path")
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"invalid --out {str(path)!r}: it is a file; expected a folder")

@@ -105,7 +105,11 @@ class Toy2DConfig:
         for value in self.lambda_qc:
             if not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"invalid --lambda-qc {value!r}; expected numbers >= 0")
-        if not 0 < self.sigma_min < self.sigma_max:
+        for seed in self.seeds:
+            if not 0 <= seed < 2**63:
+                raise UsageError(f"invalid --seeds entry {seed!r}; expected integers in "
+                                 "[0, 2^63)")
+        if not 0 < self.sigma_min < self.sigma_max < math.inf:
             raise UsageError(f"invalid --sigma-min {self.sigma_min!r} and --sigma-max "
                              f"{self.sigma_max!r}; expected 0 < sigma_min < sigma_max")
         if self.num_samples <= self.nearest_k:
@@ -312,7 +316,11 @@ def summarize(records: list) -> list:
 
 
 def _dataset_list(text: str) -> tuple:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"invalid --dataset {text!r}; expected comma-separated names from "
+            f"{', '.join(DATASET_CHOICES)} with no empty item")
     if names == ("all",):
         return tuple(TOY_DATASETS)
     for name in names:
@@ -323,7 +331,11 @@ def _dataset_list(text: str) -> tuple:
 
 
 def _model_list(text: str) -> tuple:
-    kinds = tuple(part.strip() for part in text.split(",") if part.strip())
+    kinds = tuple(part.strip() for part in text.split(","))
+    if not all(kinds):
+        raise argparse.ArgumentTypeError(
+            f"invalid --models {text!r}; expected a comma-separated subset of "
+            f"{','.join(MODEL_KINDS)} with no empty item")
     for kind in kinds:
         if kind not in MODEL_KINDS:
             raise argparse.ArgumentTypeError(
