@@ -43,7 +43,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     missing = [name for name in PRESETS if name not in presets]
     assert not missing, f"a study must define the presets {PRESETS}; missing {missing}"
     parser.add_argument("--preset", default="default", choices=presets,
-                        help="size of the run: 'quick' finishes in seconds (for tests and "
+                        help="size of the run: 'quick' is a smoke test of about a minute (for tests and "
                         "smoke runs), 'default' reproduces the study (default: default); "
                         f"choices: {', '.join(presets)}")
     parser.add_argument("--out", default=default_out,
