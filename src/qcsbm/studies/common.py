@@ -43,8 +43,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
     missing = [name for name in PRESETS if name not in presets]
     assert not missing, f"a study must define the presets {PRESETS}; missing {missing}"
     parser.add_argument("--preset", default="default", choices=presets,
-                        help="size of the run: 'quick' is a smoke test of about a minute (for tests and "
-                        "smoke runs), 'default' reproduces the study (default: default); "
+                        help="size of the run: 'quick' is a smoke test of about a minute "
+                        "(for tests), 'default' reproduces the study (default: default); "
                         f"choices: {', '.join(presets)}")
     parser.add_argument("--out", default=default_out,
                         help=f"output folder for config.json, metrics.json and figures "
