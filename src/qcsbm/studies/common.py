@@ -76,36 +76,28 @@ def config_from_args(presets: dict[str, Any], args: argparse.Namespace,
     return config
 
 
-def parse_int_list(text: str) -> tuple[int, ...]:
-    """Parse a comma-separated list of integers such as "0,1,2" (argparse type)."""
-    if any(not part.strip() for part in text.split(",")):
+def _parse_list(text: str, convert, noun: str, example: str) -> tuple:
+    """Parse a comma-separated list with `convert`; reject empty items and bad values."""
+    parts = text.split(",")
+    if any(not part.strip() for part in parts):
         raise argparse.ArgumentTypeError(
-            f"invalid integer list {text!r}; it has an empty item, expected for example 0,1,2")
+            f"invalid {noun} list {text!r}; it has an empty item, expected for example {example}")
     try:
-        values = tuple(int(part) for part in text.split(","))
+        return tuple(convert(part) for part in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid integer list {text!r}; expected comma-separated integers such as 0,1,2"
+            f"invalid {noun} list {text!r}; expected comma-separated {noun}s such as {example}"
         ) from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"invalid integer list {text!r}; it is empty")
-    return values
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of integers such as "0,1,2" (argparse type)."""
+    return _parse_list(text, int, "integer", "0,1,2")
 
 
 def parse_float_list(text: str) -> tuple[float, ...]:
     """Parse a comma-separated list of numbers such as "0,0.5e-3" (argparse type)."""
-    if any(not part.strip() for part in text.split(",")):
-        raise argparse.ArgumentTypeError(
-            f"invalid number list {text!r}; it has an empty item, expected for example 0,1e-3")
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid number list {text!r}; expected comma-separated numbers such as 0,1e-3"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"invalid number list {text!r}; it is empty")
-    return values
+    return _parse_list(text, float, "number", "0,1e-3")
 
 
 # --- output folder and files ---------------------------------------------------------------
