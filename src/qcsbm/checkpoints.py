@@ -184,8 +184,8 @@ def load_checkpoint(path) -> dict:
     # the zip reader, UnpicklingError, KeyError on garbage), so every failure is caught here.
     try:
         with warnings.catch_warnings():
-            # A legacy pickle triggers a UserWarning about its protocol; the file is rejected
-            # or read all the same, and the warning would add a second line to the error.
+            # A legacy pickle triggers a UserWarning about its protocol. The file is rejected
+            # or read all the same, so the warning would only add a second line to the error.
             warnings.simplefilter("ignore", UserWarning)
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

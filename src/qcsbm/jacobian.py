@@ -122,7 +122,7 @@ def batched_jvp(fn, x: torch.Tensor, tangents: torch.Tensor, *, mode: str = "for
 
 def jvp_products(fn, x: torch.Tensor, tangents: torch.Tensor, *, jvp: str = "auto",
                  create_graph: bool = True) -> torch.Tensor:
-    """Return J v for each tangent, choosing the mode as `jvp` says.
+    """Return J v for each tangent, computed in the mode that `jvp` selects.
 
     "auto" tries forward mode first and falls back to double backward when the function
     cannot run under `torch.func` (an energy model's score calls `torch.autograd.grad`).

@@ -100,8 +100,8 @@ def _torch_load(path: str):
     # call is reported as a CheckpointError that keeps the original message.
     try:
         with warnings.catch_warnings():
-            # A legacy pickle triggers a UserWarning about its protocol; the file is rejected
-            # or read all the same, and the warning would add a second line to the error.
+            # A legacy pickle triggers a UserWarning about its protocol. The file is rejected
+            # or read all the same, so the warning would only add a second line to the error.
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

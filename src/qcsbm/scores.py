@@ -91,8 +91,8 @@ class EnergyScore(nn.Module):
                                "torch.inference_mode() disables. Use torch.no_grad() instead")
         keep_graph = torch.is_grad_enabled()
 
-        # Differentiate with respect to the caller's x when it is already part of a graph
-        # (so that the score stays differentiable in x); otherwise use a detached leaf copy.
+        # Differentiate with respect to the caller's x when it is already part of a graph, so
+        # that the score stays differentiable in x. Otherwise use a detached leaf copy.
         x_in = x if (keep_graph and x.requires_grad) else x.detach().requires_grad_(True)
 
         with torch.enable_grad():

@@ -69,11 +69,11 @@ class SDE(abc.ABC):
 
     @abc.abstractmethod
     def prior_std(self) -> float:
-        """The std of the isotropic Gaussian prior p_1 that sampling starts from."""
+        """Return the std of the isotropic Gaussian prior p_1 that sampling starts from."""
 
     @abc.abstractmethod
     def condition(self, t: torch.Tensor) -> torch.Tensor:
-        """The conditioning value the network receives at time t (see the module docstring)."""
+        """Return the conditioning value the network receives at time t (see the module doc)."""
 
     def marginal_prob(self, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the mean (shape of x0) and std (shape (B,)) of p_t(x_t | x_0)."""

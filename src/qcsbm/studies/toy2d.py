@@ -66,9 +66,9 @@ class Toy2DConfig:
     seeds: tuple = (0,)
     num_steps: int = 1200             # optimisation steps per model
     batch_size: int = 1000            # fresh data points per step
-    # QCSBM balancing factors, in the authors' units. The authors' 0.1 (with 4000 steps of
-    # 5000 points) barely moves NAsym in this shorter default; at seed 0, lambda 1 cut NAsym
-    # 2-4x and lambda 10 cut it 13-45x on the three data sets, for at most 0.03 nats of NLL.
+    # QCSBM balancing factors, in the authors' units. The authors' 0.1 belongs to 4000 steps
+    # of 5000 points and barely moves NAsym in this shorter default. At seed 0, lambda 1 cut
+    # NAsym 2-4x and lambda 10 cut it 13-45x on the three data sets, for at most 0.03 nats.
     lambda_qc: tuple = (10.0,)
     estimator: str = "exact"          # QC penalty estimator: exact (cheap in 2-D) or Hutchinson
     num_probes: int = 1               # probes K for the Hutchinson estimators
@@ -252,7 +252,7 @@ def run_study(config: Toy2DConfig, out, *, quiet: bool = False) -> dict:
     """Train and evaluate every (data set, seed, model, lambda); write metrics, table, figures.
 
     metrics.json is rewritten after every model with `"complete": false`, so a stopped run
-    keeps the results it has; the table and the figures are written at the end.
+    keeps the results it has. The table and the figures are written at the end.
     """
     sde = VESDE(config.sigma_min, config.sigma_max)
     records, curves, samples = [], {}, {}

@@ -68,7 +68,7 @@ def _square_axes(axis, title):
 
 
 def _color(key, keys):
-    """One color per kind; QCSBM models with several lambda_qc values get shades of green."""
+    """Return the plot color of a model: one per kind, shades of green for QCSBM lambdas."""
     if key[1] != "qcsbm":
         return KIND_COLORS.get(key[1], "gray")
     lambdas = sorted(k[2] for k in keys if k[1] == "qcsbm")
