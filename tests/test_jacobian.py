@@ -398,6 +398,23 @@ def test_divergence_rejects_nonnegative():
         jm.divergence(make_net(2), random_batch((2, 2)), method="nonnegative")
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_batched_vjp_vectorized_matches_loop(create_graph):
+    # The vmapped path and the default loop give the same products, and both keep the graph.
+    net = make_net(4)
+    x = random_batch((5, 4)).requires_grad_(True)
+    s = net(x)
+    generator = torch.Generator().manual_seed(2)
+    cotangents = jm.sample_probes(x, 3, probe="gaussian", generator=generator)
+    looped = jm.batched_vjp(s, x, cotangents, create_graph)
+    vectorized = jm.batched_vjp(s, x, cotangents, create_graph, vectorize=True)
+    reference = torch.einsum("kbi,bij->kbj", cotangents, reference_jacobian(net, x.detach()))
+
+    torch.testing.assert_close(looped, reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(vectorized, reference, rtol=0, atol=1e-10)
+    assert looped.requires_grad == vectorized.requires_grad == create_graph
+
+
 # --- the two-stage backward --------------------------------------------------------------------
 
 

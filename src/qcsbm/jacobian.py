@@ -66,25 +66,25 @@ def _per_sample_dot(a: torch.Tensor, b: torch.Tensor, batch_dims: int) -> torch.
 
 
 def batched_vjp(s: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor,
-                create_graph: bool) -> torch.Tensor:
-    """Return J^T u for each of the K cotangents u (shape (K, *s.shape)) in one backward pass.
+                create_graph: bool, *, vectorize: bool = False) -> torch.Tensor:
+    """Return J^T u for each of the K cotangents u (shape (K, *s.shape)).
 
-    The forward pass that produced s is shared by all K products. Falls back to a loop of K
-    backward passes on the same graph when an operator has no batching rule.
+    The forward pass that produced s is shared by all K products. By default they run as K
+    backward passes through that one graph. `vectorize=True` runs them as one vmapped pass
+    (`is_grads_batched`) instead. On the CPU that pass was slower: 1.6x the loop's step
+    time for K = 16 on a small conv net and up to 1.3x for the 2-D network
+    (benchmarks/core_step.py). It falls back to the loop when an operator has no batching rule.
     """
-    if cotangents.shape[0] == 1:
-        # One probe needs no vmap, whose dispatch overhead is significant for small networks.
-        (out,) = torch.autograd.grad(s, x, cotangents[0], retain_graph=True,
-                                     create_graph=create_graph)
-        return out.unsqueeze(0)
-    try:
-        (out,) = torch.autograd.grad(s, x, cotangents, retain_graph=True,
-                                     create_graph=create_graph, is_grads_batched=True)
-        return out
-    except RuntimeError:
-        rows = [torch.autograd.grad(s, x, u, retain_graph=True, create_graph=create_graph)[0]
-                for u in cotangents]
-        return torch.stack(rows)
+    if vectorize and cotangents.shape[0] > 1:
+        try:
+            (out,) = torch.autograd.grad(s, x, cotangents, retain_graph=True,
+                                         create_graph=create_graph, is_grads_batched=True)
+            return out
+        except RuntimeError as error:
+            logger.debug("vmapped VJP failed (%s); using a loop", error)
+    rows = [torch.autograd.grad(s, x, u, retain_graph=True, create_graph=create_graph)[0]
+            for u in cotangents]
+    return torch.stack(rows)
 
 
 def batched_jvp(fn, x: torch.Tensor, tangents: torch.Tensor, *, mode: str = "forward",
