@@ -5,6 +5,8 @@ Library code raises it (or a subclass) for bad input, always naming the argument
 and what is allowed.
 """
 
+import math
+
 
 class UsageError(ValueError):
     """Invalid input from the user: an option, a config value, a file or a data set."""
@@ -25,9 +27,15 @@ def check_choice(name: str, value, allowed) -> None:
         raise UsageError(f"invalid {name} {value!r}; expected one of {choices}")
 
 
+def check_finite(name: str, value) -> None:
+    """Raise UsageError unless `value` is a finite number."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise UsageError(f"invalid {name} {value!r}; expected a finite number")
+
+
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    """Raise UsageError unless `value` is a number > 0 (or >= 0 with `allow_zero`)."""
-    ok = value >= 0 if allow_zero else value > 0
+    """Raise UsageError unless `value` is a finite number > 0 (or >= 0 with `allow_zero`)."""
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise UsageError(f"invalid {name} {value!r}; expected a number {bound}")
+        raise UsageError(f"invalid {name} {value!r}; expected a finite number {bound}")

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
 
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")

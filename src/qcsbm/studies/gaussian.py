@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from qcsbm.errors import UsageError, check_choice, check_positive
+from qcsbm.errors import UsageError, check_choice, check_finite, check_positive
 from qcsbm.jacobian import jacobian_asymmetry
 from qcsbm.studies import common
 
@@ -84,6 +84,7 @@ class GaussianStudyConfig:
                             ("grid_size", self.grid_size)):
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"invalid {name} {value!r}; expected an integer >= 1")
+        check_finite("--start-mean", self.start_mean)
         check_positive("--start-std", self.start_std, allow_zero=True)
         check_positive("--step-size", self.step_size)
         check_positive("step_decay", self.step_decay)
