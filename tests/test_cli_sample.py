@@ -230,3 +230,15 @@ def test_existing_out_needs_overwrite(run_dir, tmp_path, capsys):
 
     assert sample(run_dir, out, *PC_FAST, "--num", "1", "--overwrite") == 0
     assert load_samples(out).images.shape[0] == 1
+
+
+def test_non_finite_weights_exit_3_and_write_nothing(tmp_path, capsys):
+    run = make_run(tmp_path / "nan-run", weight_noise=float("nan"))
+    before = folder_snapshot(run)
+    out = tmp_path / "nan.npz"
+
+    assert sample(run, out, *PC_FAST, "--num", "2") == 3
+    err = capsys.readouterr().err
+    assert "2 of 2 samples hold NaN or inf" in err
+    assert not out.exists() and not out.with_suffix(".png").exists()
+    assert folder_snapshot(run) == before

@@ -259,13 +259,27 @@ def _block_sampler(loaded, sampler: str, settings: dict, device):
                                 atol=settings["atol"], method=settings["method"],
                                 max_nfe=settings["max_nfe"], denoise=settings["denoise"],
                                 generator=generator, device=device)
-        non_finite = int((~torch.isfinite(result.samples)).sum())
-        if non_finite:
-            logger.warning("%d non-finite values in a batch of %d samples; they are written "
-                           "as level 0", non_finite, count)
+        _check_finite_samples(result.samples, loaded)
         return samples_to_images(result.samples, loaded.data), result.nfe
 
     return sample_block
+
+
+def _check_finite_samples(samples, loaded) -> None:
+    """Raise NonFiniteError when a sample holds NaN or inf, before anything is written.
+
+    Converting such values to uint8 would give black pixels that look like images and would
+    skew any metric computed from them.
+    """
+    import torch
+
+    from qcsbm.errors import NonFiniteError
+
+    bad = int((~torch.isfinite(samples.flatten(start_dim=1))).any(dim=1).sum())
+    if bad:
+        raise NonFiniteError(f"{bad} of {samples.shape[0]} samples hold NaN or inf values; "
+                             f"check the weights of checkpoint {loaded.checkpoint_path} (for "
+                             "example with --use-model-weights) or the sampler's settings")
 
 
 def _save_with_grid(path: Path, samples) -> None:
