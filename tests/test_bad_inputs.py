@@ -122,6 +122,7 @@ CASES = [
     ("toy2d wrong type steps", lambda i, t: study("toy2d", t, "--steps", "ten"), "ten"),
     ("toy2d zero steps", lambda i, t: study("toy2d", t, "--steps", "0"), "0"),
     ("toy2d negative lr", lambda i, t: study("toy2d", t, "--lr", "-0.1"), "-0.1"),
+    ("toy2d absent gpu", lambda i, t: study("toy2d", t, "--device", "cuda:99"), "cuda:99"),
     ("toy2d bad seeds", lambda i, t: study("toy2d", t, "--seeds", "0,x"), "x"),
     ("toy2d unknown preset", lambda i, t: study("toy2d", t, "--preset", "fast"), "fast"),
     ("toy2d non-empty output", lambda i, t: ["study", "toy2d", "--preset", "quick", "--out",
@@ -248,6 +249,7 @@ CASES = [
      "--init-from"),
     # --- sample
     ("sample missing workdir", lambda i, t: sample(t / "none"), "none"),
+    ("sample absent gpu", lambda i, t: sample(i.run, "--device", "cuda:99"), "cuda:99"),
     ("sample not a run", lambda i, t: sample(i.corrupt), "corrupt-images"),
     ("sample truncated checkpoint", lambda i, t: sample(i.truncated_run), "truncated"),
     ("sample other architecture", lambda i, t: sample(i.other), "does not match"),
@@ -265,6 +267,8 @@ CASES = [
     ("sample merge missing folder", lambda i, t: ["sample", "merge", str(t / "none")], "none"),
     # --- eval nll
     ("eval nll missing workdir", lambda i, t: evaluate("nll", t / "none"), "none"),
+    ("eval nll absent gpu", lambda i, t: evaluate("nll", i.run, "--device", "cuda:99"),
+     "cuda:99"),
     ("eval nll truncated", lambda i, t: evaluate("nll", i.truncated_run, "--num", "2"),
      "truncated"),
     ("eval nll other architecture", lambda i, t: evaluate("nll", i.other, "--num", "2"),

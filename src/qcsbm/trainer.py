@@ -74,6 +74,7 @@ from qcsbm.checkpoints import (CheckpointManager, capture_rng_state, check_state
 from qcsbm.config import (TrainConfig, apply_overrides, from_dict, load_json, save_json,
                           to_dict, validate_config)
 from qcsbm.data.images import ImageDataset, ImageLoader, load_images
+from qcsbm.devices import check_device, default_device
 from qcsbm.errors import CheckpointError, NonFiniteError, UsageError
 from qcsbm.losses import LossTerms, Objective, backward_two_stage, qc_loss
 from qcsbm.models import build_score_model, data_metadata, data_scale
@@ -207,15 +208,7 @@ def resume_config(workdir, overrides: Iterable[str] = (),
 
 def resolve_device(device, cfg: TrainConfig) -> torch.device:
     """Return the training device: `device`, else CUDA when available, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise UsageError(f"invalid device {str(device)!r}: {error}; expected for example "
-                         "'cpu' or 'cuda:0'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"invalid device {str(device)!r}: CUDA is not available; use 'cpu'")
+    device = default_device() if device is None else check_device(device)
     if cfg.training.mixed_precision == "bf16" and device.type != "cuda":
         raise UsageError(f"invalid training.mixed_precision 'bf16' on device {device}; "
                          "bfloat16 autocast is supported on CUDA only, use 'no' on the CPU")

@@ -123,6 +123,10 @@ def _add_data(parser) -> None:
 
 def run(args) -> int:
     """Run the chosen evaluation."""
+    from qcsbm.devices import check_device
+
+    if args.device is not None:
+        check_device(args.device)
     return args.evaluate(args)
 
 

@@ -179,20 +179,9 @@ def _check_arguments(args) -> dict:
 
 
 def _device(name):
-    import torch
+    from qcsbm.devices import check_device, default_device
 
-    from qcsbm.errors import UsageError
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"invalid --device {name!r}: {error}; expected for example 'cpu' or "
-                         "'cuda:0'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"invalid --device {name!r}: CUDA is not available; use 'cpu'")
-    return device
+    return default_device() if name is None else check_device(name)
 
 
 def _sha256(path: Path) -> str:
@@ -236,8 +225,6 @@ def _default_out(args, loaded, *, sharded: bool) -> Path:
 
 def _block_sampler(loaded, sampler: str, settings: dict, device):
     """Return sample_block(count, generator) -> (uint8 images, nfe) for the run's model."""
-    import torch
-
     from qcsbm.evaluation import samples_to_images
     from qcsbm.sampling import ode_sample, pc_sample
 

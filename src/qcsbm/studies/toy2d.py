@@ -37,6 +37,7 @@ import time
 import torch
 
 from qcsbm.data.toy2d import TOY_DATASETS, get_toy_dataset
+from qcsbm.devices import check_device
 from qcsbm.errors import UsageError, check_choice, check_positive
 from qcsbm.likelihood import log_likelihood
 from qcsbm.losses import Objective
@@ -375,9 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the study from parsed options."""
     config = common.config_from_args(PRESETS, args, OPTIONS)
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"invalid --device {config.device!r}: CUDA is not available here; "
-                         "use --device cpu")
+    check_device(config.device)
     out = common.prepare_output_dir(args.out, overwrite=args.overwrite)
     common.write_config(out, "toy2d", config)
     payload = run_study(config, out, quiet=args.quiet)
