@@ -65,16 +65,24 @@ def _per_sample_dot(a: torch.Tensor, b: torch.Tensor, batch_dims: int) -> torch.
     return (a * b).flatten(start_dim=batch_dims).sum(dim=-1)
 
 
+# Up to this many products run as a loop of backward passes; more run as one vmapped pass.
+LOOP_MAX_PRODUCTS = 16
+
+
 def batched_vjp(s: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor,
-                create_graph: bool, *, vectorize: bool = False) -> torch.Tensor:
+                create_graph: bool, *, vectorize: bool | None = None) -> torch.Tensor:
     """Return J^T u for each of the K cotangents u (shape (K, *s.shape)).
 
-    The forward pass that produced s is shared by all K products. By default they run as K
-    backward passes through that one graph. `vectorize=True` runs them as one vmapped pass
-    (`is_grads_batched`) instead. On the CPU that pass was slower: 1.6x the loop's step
-    time for K = 16 on a small conv net and up to 1.3x for the 2-D network
-    (benchmarks/core_step.py). It falls back to the loop when an operator has no batching rule.
+    The forward pass that produced s is shared by all K products. `vectorize=False` runs
+    them as K backward passes through that one graph, `vectorize=True` as one vmapped pass
+    (`is_grads_batched`). The default loops for K <= LOOP_MAX_PRODUCTS (16, the paper's
+    largest K): on the CPU the vmapped pass took 1.6x the loop's step time for K = 16 on a
+    small conv net (benchmarks/core_step.py). Larger K vectorize, as a loop of thousands of
+    graphs costs far more time and memory. The vmapped pass falls back to the loop when an
+    operator has no batching rule.
     """
+    if vectorize is None:
+        vectorize = cotangents.shape[0] > LOOP_MAX_PRODUCTS
     if vectorize and cotangents.shape[0] > 1:
         try:
             (out,) = torch.autograd.grad(s, x, cotangents, retain_graph=True,
@@ -139,18 +147,6 @@ def jvp_products(fn, x: torch.Tensor, tangents: torch.Tensor, *, jvp: str = "aut
         return batched_jvp(fn, x, tangents, mode="double-backward", create_graph=create_graph)
 
 
-def jvp_from_output(s: torch.Tensor, x: torch.Tensor, tangents: torch.Tensor,
-                    create_graph: bool) -> torch.Tensor:
-    """Return J v for each tangent from an output s = fn(x) already computed.
-
-    Uses J v = d/da [(J^T a) . v]: a VJP with a dummy cotangent a kept in the graph, then
-    a VJP of that with respect to a. Both reuse the forward pass that produced s.
-    """
-    dummy = torch.zeros_like(s, requires_grad=True)
-    (vjp_dummy,) = torch.autograd.grad(s, x, dummy, create_graph=True)
-    return batched_vjp(vjp_dummy, dummy, tangents, create_graph)
-
-
 # --- exact Jacobian --------------------------------------------------------------------------
 
 
@@ -202,6 +198,10 @@ def traces_from_output(fn, s: torch.Tensor, x: torch.Tensor, *, method: str = "e
         return 0.5 * antisym.pow(2).sum(dim=(1, 2)), jac.pow(2).sum(dim=(1, 2))
 
     v = sample_probes(x, num_probes, probe, generator)
+    if method == "nonnegative" and jvp != "forward":
+        check_choice("jvp", jvp, JVP_MODES)
+        return _nonnegative_from_output(s, x, v, create_graph)
+
     u = batched_vjp(s, x, v, create_graph=True if method == "hutchinson" else create_graph)
     if method == "hutchinson":
         # v^T J J v = (J^T u)^T v with u = J^T v: a second VJP through the first one.
@@ -210,13 +210,37 @@ def traces_from_output(fn, s: torch.Tensor, x: torch.Tensor, *, method: str = "e
         asym = tr_jjt - _per_sample_dot(w, v, 2)
         return asym.mean(dim=0), tr_jjt.mean(dim=0)
 
-    if jvp == "forward":
-        jv = batched_jvp(fn, x, v, mode="forward", create_graph=create_graph)
+    jv = batched_jvp(fn, x, v, mode="forward", create_graph=create_graph)
+    return _nonnegative_terms(jv, u)
+
+
+def _nonnegative_from_output(s, x, v, create_graph):
+    """Per-sample (asymmetry, tr(J J^T)) of the nonnegative form, from s = fn(x) alone.
+
+    Both products come from the forward pass that made s, so one dropout mask serves both.
+    Up to LOOP_MAX_PRODUCTS probes: with a_k zero leaves of s's shape, u_k = J^T (v_k + a_k)
+    equals J^T v_k in value and d/da_k (u_k . v_k) = J v_k, so one more reverse pass gives
+    every J v_k. More probes: J v_k = d/da [(J^T a) . v_k] through one VJP with a dummy
+    cotangent a, vmapped over k, as a loop over thousands of graphs is slow and the
+    vmapped form of the first way materialises K x K terms.
+    """
+    if v.shape[0] <= LOOP_MAX_PRODUCTS:
+        a = torch.zeros_like(v, requires_grad=True)
+        u = batched_vjp(s, x, v + a, create_graph=True, vectorize=False)
+        (jv,) = torch.autograd.grad((u * v).sum(), a, retain_graph=True,
+                                    create_graph=create_graph)
     else:
-        # J v from the same forward pass as J^T v: no second pass of the network, and one
-        # dropout mask for both products (a second pass in train mode would draw another).
-        check_choice("jvp", jvp, JVP_MODES)
-        jv = jvp_from_output(s, x, v, create_graph)
+        u = batched_vjp(s, x, v, create_graph)
+        dummy = torch.zeros_like(s, requires_grad=True)
+        (vjp_dummy,) = torch.autograd.grad(s, x, dummy, create_graph=True)
+        jv = batched_vjp(vjp_dummy, dummy, v, create_graph)
+    if not create_graph:
+        u = u.detach()
+    return _nonnegative_terms(jv, u)
+
+
+def _nonnegative_terms(jv, u):
+    """Average over probes of 1/2 ||(J - J^T) v||^2 and of the tr(J J^T) estimate."""
     asym = 0.5 * _per_sample_sq_norm(jv - u, 2)
     tr_jjt = 0.5 * (_per_sample_sq_norm(jv, 2) + _per_sample_sq_norm(u, 2))
     return asym.mean(dim=0), tr_jjt.mean(dim=0)
