@@ -39,7 +39,8 @@ def test_unknown_command_is_one_line():
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "'fly'" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "'fly'" in result.stderr
 
 
 def console_script():

@@ -239,6 +239,6 @@ def test_non_finite_weights_exit_3_and_write_nothing(tmp_path, capsys):
 
     assert sample(run, out, *PC_FAST, "--num", "2") == 3
     err = capsys.readouterr().err
-    assert "2 of 2 samples hold NaN or inf" in err
+    assert "2 of 2 samples contain NaN or inf" in err
     assert not out.exists() and not out.with_suffix(".png").exists()
     assert folder_snapshot(run) == before

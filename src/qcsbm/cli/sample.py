@@ -253,7 +253,7 @@ def _block_sampler(loaded, sampler: str, settings: dict, device):
 
 
 def _check_finite_samples(samples, loaded) -> None:
-    """Raise NonFiniteError when a sample holds NaN or inf, before anything is written.
+    """Raise NonFiniteError when a sample contains NaN or inf, before anything is written.
 
     Converting such values to uint8 would give black pixels that look like images and would
     skew any metric computed from them.
@@ -264,7 +264,7 @@ def _check_finite_samples(samples, loaded) -> None:
 
     bad = int((~torch.isfinite(samples.flatten(start_dim=1))).any(dim=1).sum())
     if bad:
-        raise NonFiniteError(f"{bad} of {samples.shape[0]} samples hold NaN or inf values; "
+        raise NonFiniteError(f"{bad} of {samples.shape[0]} samples contain NaN or inf values; "
                              f"check the weights of checkpoint {loaded.checkpoint_path} (for "
                              "example with --use-model-weights) or the sampler's settings")
 
