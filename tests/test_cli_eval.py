@@ -158,6 +158,8 @@ def test_asym_matches_linear_field():
     for asym, nasym in zip(result["asym"], result["nasym"]):
         assert asym == pytest.approx(expected, rel=0.1)
         assert nasym == pytest.approx(expected_nasym, rel=0.1)
+    assert result["asym_mean"] == pytest.approx(sum(result["asym"]) / 2, rel=1e-12)
+    assert result["nasym_mean"] == pytest.approx(expected_nasym, rel=0.1)
 
 
 def test_asym_command_keeps_earlier_entries(tmp_path, capsys):

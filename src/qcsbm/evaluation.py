@@ -245,7 +245,8 @@ def asymmetry_of_run(run, dataset, *, num: int | None = 64, num_levels: int = 10
 
     The first `num` images (scaled as in training, dequantized if the run was) are perturbed
     with the same noise z at every level, x_t = mean(t) x_0 + std(t) z, and the asymmetry
-    terms use `num_probes` Rademacher (Hutchinson) probes per point.
+    terms use `num_probes` Rademacher (Hutchinson) probes per point. `asym_mean` and
+    `nasym_mean` average the levels, as the paper's tables do.
     """
     from qcsbm.metrics.score_field import asymmetry_by_level, noise_level_times
 
@@ -260,7 +261,8 @@ def asymmetry_of_run(run, dataset, *, num: int | None = 64, num_levels: int = 10
                                 batch_size=batch_size)
     return {
         "metric": "asym", "times": levels.times, "std": levels.std, "asym": levels.asym,
-        "nasym": levels.nasym, "num_samples": num, "num_noise_levels": num_levels,
+        "nasym": levels.nasym, "asym_mean": sum(levels.asym) / num_levels,
+        "nasym_mean": sum(levels.nasym) / num_levels, "num_samples": num, "num_noise_levels": num_levels,
         "num_probes": num_probes, "estimator": "hutchinson", "seed": seed,
         "dataset": dataset.name,
     }
