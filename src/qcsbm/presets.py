@@ -102,9 +102,9 @@ def _paper_preset(dataset: str, kind: str) -> Preset:
 # NOTE: an estimate for one machine; faster or idle machines finish sooner.
 _DIGITS_STEPS = dict(usbm=2500, csbm=1000, qcsbm=700)
 
-# The paper's lambda_qc 1e-4 (CIFAR-10, deep NCSN++) left NAsym on the digits at 0.84x the
-# USBM value after 700 steps; 0.01 gave 0.48x and 0.1 gave 0.25x, at 0.02 and 0.09 bits/dim
-# more (one seed each, docs/studies.md). The demo uses 0.1 so that the effect is clear.
+# After 700 steps on the digits, the paper's lambda_qc 1e-4 (CIFAR-10, deep NCSN++) left NAsym
+# at 0.84x the USBM value. 0.01 gave 0.48x and 0.1 gave 0.25x, for 0.02 and 0.09 more bits/dim
+# (one seed each, docs/studies.md). The demo uses 0.1 so that the effect is clear.
 _DIGITS_LAMBDA = 0.1
 
 
