@@ -31,7 +31,8 @@ def test_missing_command_prints_usage_on_stderr(capsys):
     assert main([]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("usage: qcsbm")
+    assert captured.err.count("\n") == 1
+    assert "missing COMMAND" in captured.err
 
 
 def test_unknown_command_is_one_line():
@@ -55,3 +56,45 @@ def test_console_script_runs():
                             timeout=120)
     assert result.returncode == 0
     assert result.stdout.strip() == f"qcsbm {qcsbm.__version__}"
+
+
+def test_failed_study_leaves_no_folder(tmp_path, capsys):
+    # The penalty becomes NaN at the first step: exit 3 and no half-written output folder.
+    out = tmp_path / "autoencoder"
+    code = main(["study", "autoencoder", "--preset", "quick", "--out", str(out), "--lr",
+                 "1e300", "--quiet"])
+    assert code == 3
+    assert "nan" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_failed_study_empties_an_existing_empty_folder(tmp_path):
+    out = tmp_path / "toy2d"
+    out.mkdir()
+    code = main(["study", "toy2d", "--preset", "quick", "--models", "usbm", "--out", str(out),
+                 "--sigma-max", "1e300", "--quiet"])
+    assert code == 3
+    assert out.is_dir()
+    assert list(out.iterdir()) == []
+
+
+def test_overflow_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "gaussian"
+    code = main(["study", "gaussian", "--preset", "quick", "--out", str(out), "--sigma",
+                 "1e300", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "out of range" in err
+    assert not out.exists()
+
+
+def test_failed_training_leaves_no_run_folder(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    code = main(["train", "--config", "digits-qcsbm", "--workdir", str(workdir), "--quiet",
+                 "--set", "training.n_steps=3", "--set", "data.batch_size=8",
+                 "--set", "model.nf=8", "--set", "model.ch_mult=1",
+                 "--set", "model.attn_resolutions=", "--set", "sde.sigma_max=1e300"])
+    assert code == 3
+    assert "non-finite" in capsys.readouterr().err
+    assert not workdir.exists()

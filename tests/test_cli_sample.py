@@ -232,13 +232,27 @@ def test_existing_out_needs_overwrite(run_dir, tmp_path, capsys):
     assert load_samples(out).images.shape[0] == 1
 
 
-def test_non_finite_weights_exit_3_and_write_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("sampler", [PC_FAST, ODE_FAST], ids=["pc", "ode"])
+def test_non_finite_weights_exit_3_and_write_nothing(tmp_path, capsys, sampler):
     run = make_run(tmp_path / "nan-run", weight_noise=float("nan"))
     before = folder_snapshot(run)
     out = tmp_path / "nan.npz"
 
-    assert sample(run, out, *PC_FAST, "--num", "2") == 3
+    assert sample(run, out, *sampler, "--num", "2") == 3
     err = capsys.readouterr().err
-    assert "2 of 2 samples contain NaN or inf" in err
-    assert not out.exists() and not out.with_suffix(".png").exists()
+    assert err.count("\n") == 1
+    assert "NaN" in err
+    assert not out.exists()
+    assert not out.with_suffix(".png").exists()
+    assert folder_snapshot(run) == before
+
+
+def test_non_finite_weights_eval_asym_exit_3(tmp_path, capsys):
+    run = make_run(tmp_path / "nan-run", weight_noise=float("nan"))
+    before = folder_snapshot(run)
+
+    code = main(["eval", "asym", "--workdir", str(run), "--num", "2", "--num-levels", "2",
+                 "--quiet"])
+    assert code == 3
+    assert "NaN or inf" in capsys.readouterr().err
     assert folder_snapshot(run) == before

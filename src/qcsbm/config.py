@@ -440,6 +440,10 @@ def _require_positive_ints(key: str, values: tuple[int, ...], allow_empty: bool)
         _require(value >= 1, key, list(values), "integers >= 1")
 
 
+# The largest float32; Adam casts lr to the parameters' dtype.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class ModelConfig:
     """The NCSN++ network (field names follow score_sde_pytorch's model config)."""
@@ -588,7 +592,7 @@ class OptimConfig:
     ema_rate: float = 0.999  # decay of the exponential moving average of the weights
 
     def validate(self) -> None:
-        _require(self.lr > 0, "lr", self.lr, "a number > 0")
+        _require(0 < self.lr <= FLOAT32_MAX, "lr", self.lr, "a number > 0 and <= 3.4e38")
         _require(0.0 <= self.beta1 < 1.0, "beta1", self.beta1, "0 <= beta1 < 1")
         _require(0.0 <= self.beta2 < 1.0, "beta2", self.beta2, "0 <= beta2 < 1")
         _require(self.eps > 0, "eps", self.eps, "a number > 0")

@@ -23,6 +23,9 @@ def check_device(name, option: str = "--device") -> torch.device:
     except (RuntimeError, TypeError) as error:
         raise UsageError(f"invalid {option} {str(name)!r}: {error}; expected for example "
                          "'cpu' or 'cuda:0'") from None
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UsageError(f"invalid {option} {str(name)!r}: the CPU has no device index "
+                         f"{device.index}; use 'cpu'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"invalid {option} {str(name)!r}: CUDA is not available here; use 'cpu'")
     try:

@@ -28,7 +28,7 @@ import torch
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
-from qcsbm.errors import UsageError, check_choice, check_positive
+from qcsbm.errors import NonFiniteError, UsageError, check_choice, check_positive
 from qcsbm.sde import SDE, broadcast_to
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -259,7 +259,15 @@ def solve_ode(rhs: CountedDrift, initial, t_start: float, t_end: float, *, rtol:
     """
     span = torch.tensor([t_start, t_end], device=device, dtype=dtype)
     options = {"step_t": span[1:]}
-    path = odeint(rhs, initial, span, rtol=rtol, atol=atol, method=method, options=options)
+    try:
+        path = odeint(rhs, initial, span, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as error:
+        # torchdiffeq asserts when its step size underflows, which a NaN or inf drift causes.
+        if "underflow in dt" not in str(error):
+            raise
+        raise NonFiniteError(f"the ODE solver's step size underflowed after {rhs.nfe} "
+                             "evaluations: the drift is NaN, inf or extremely stiff; check the "
+                             "model's weights") from None
     if isinstance(path, tuple):
         return tuple(p[-1] for p in path)
     return path[-1]

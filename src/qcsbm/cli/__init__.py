@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        print("qcsbm: error: missing COMMAND; choose one of study, train, sample, eval, "
+              "import-checkpoint (see qcsbm --help)", file=sys.stderr)
         return 2
 
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
@@ -55,6 +56,11 @@ def main(argv=None) -> int:
     except UsageError as error:
         message = " ".join(str(error).split())
         print(f"qcsbm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OverflowError as error:
+        detail = error.args[-1] if error.args else error
+        print(f"qcsbm {args.command}: error: a value is out of range ({detail}); use smaller "
+              "values", file=sys.stderr)
         return 2
     except NonFiniteError as error:
         message = " ".join(str(error).split())

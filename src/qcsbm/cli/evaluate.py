@@ -166,11 +166,26 @@ def _run_nll(args) -> int:
                         divergence=args.divergence, num_probes=args.num_probes, seed=args.seed,
                         rtol=args.rtol, atol=args.atol, method=args.method,
                         device=args.device or "cpu", progress=not args.quiet)
+    _check_finite(result, ("bits_per_dim",), loaded)
     entry = {**result, **run_summary(loaded), "split": args.split}
     path = append_metrics(args.workdir, entry)
     print(f"qcsbm eval nll: {result['bits_per_dim']:.4f} bits/dim on {result['num_samples']} "
           f"images (mean NFE {result['nfe_mean']:.1f}); appended to {path}", file=sys.stderr)
     return 0
+
+
+def _check_finite(result: dict, keys, loaded) -> None:
+    """Raise NonFiniteError, before anything is written, if a result is NaN or inf."""
+    import math
+
+    from qcsbm.errors import NonFiniteError
+
+    for key in keys:
+        values = result[key] if isinstance(result[key], list) else [result[key]]
+        if not all(math.isfinite(value) for value in values):
+            raise NonFiniteError(f"the {key} of checkpoint {loaded.checkpoint_path} is NaN or "
+                                 "inf; check the model's weights (for example with "
+                                 "--use-model-weights)")
 
 
 def _run_asym(args) -> int:
@@ -184,6 +199,7 @@ def _run_asym(args) -> int:
     result = asymmetry_of_run(loaded, dataset, num=args.num, num_levels=args.num_levels,
                               num_probes=args.num_probes, seed=args.seed,
                               batch_size=args.batch_size, device=args.device or "cpu")
+    _check_finite(result, ("asym", "nasym"), loaded)
     entry = {**result, **run_summary(loaded), "split": args.split}
 
     out_dir = Path(args.workdir) / EVAL_DIR_NAME

@@ -9,6 +9,8 @@ fails with a one-line error.
 from __future__ import annotations
 
 import importlib
+import shutil
+from pathlib import Path
 
 from qcsbm.errors import UsageError
 
@@ -65,5 +67,30 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Run the study that the command line chose."""
-    return args.study_run(args)
+    """Run the study that the command line chose.
+
+    When the study fails before it has written any results (metrics.json), the files it
+    wrote into a new or empty output folder are removed, so a refused or crashed run leaves
+    nothing behind. A run that stops later keeps its partial results.
+    """
+    out = Path(args.out) if getattr(args, "out", None) else None
+    existed = out is not None and out.exists()
+    empty = out is not None and (not existed or (out.is_dir() and not any(out.iterdir())))
+    try:
+        return args.study_run(args)
+    except Exception:
+        if empty and out.is_dir() and not (out / "metrics.json").exists():
+            _remove_written(out, keep_folder=existed)
+        raise
+
+
+def _remove_written(out: Path, *, keep_folder: bool) -> None:
+    """Remove what a failed study wrote into `out`, and `out` itself unless it existed."""
+    if not keep_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for item in out.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)

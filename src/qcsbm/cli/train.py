@@ -12,6 +12,7 @@ Exit codes:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 EXIT_NONFINITE = 3
 EXIT_STOPPED = 75
@@ -58,6 +59,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _remove_if_no_checkpoint(workdir, new_folder: bool) -> None:
+    """Remove a run folder that this command created when it failed before any checkpoint."""
+    import shutil
+
+    folder = Path(workdir)
+    if new_folder and folder.is_dir() and not any(folder.glob("checkpoints/ckpt_*.pt")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(args) -> int:
     """Run the subcommand."""
     from qcsbm.errors import NonFiniteError, UsageError
@@ -89,14 +99,19 @@ def run(args) -> int:
                              "`qcsbm train --list-presets`")
         cfg = apply_overrides(load_config(args.config), args.overrides)
 
+    new_folder = not args.resume and not Path(args.workdir).exists()
     try:
         result = train(cfg, args.workdir, resume=args.resume, overwrite=args.overwrite,
                        init_from=args.init_from, init_optimizer=args.init_optimizer,
                        two_stage_backward=args.two_stage_backward, progress=not args.quiet,
                        device=args.device)
     except NonFiniteError as error:
+        _remove_if_no_checkpoint(args.workdir, new_folder)
         print(f"qcsbm train: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_NONFINITE
+    except Exception:
+        _remove_if_no_checkpoint(args.workdir, new_folder)
+        raise
 
     if result.status == "stopped":
         print(f"qcsbm train: stopped by {result.stop_signal} at step {result.step}; checkpoint "

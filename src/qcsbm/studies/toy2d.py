@@ -37,6 +37,7 @@ import time
 import torch
 
 from qcsbm.data.toy2d import TOY_DATASETS, get_toy_dataset
+from qcsbm.config import FLOAT32_MAX
 from qcsbm.devices import check_device
 from qcsbm.errors import UsageError, check_choice, check_positive
 from qcsbm.likelihood import log_likelihood
@@ -117,6 +118,9 @@ class Toy2DConfig:
             raise UsageError(f"invalid --num-samples {self.num_samples!r}; expected more than "
                              f"k = {self.nearest_k} samples")
         check_positive("--lr", self.lr)
+        if self.lr > FLOAT32_MAX:
+            raise UsageError(f"invalid --lr {self.lr!r}; expected a number <= 3.4e38, as the "
+                             "network trains in float32")
         check_choice("--estimator", self.estimator, ("exact", "hutchinson", "nonnegative"))
         if not 0 <= self.ema_rate < 1:
             raise UsageError(f"invalid --ema-rate {self.ema_rate!r}; expected 0 <= rate < 1")
