@@ -1,4 +1,4 @@
-"""The top-level `qcsbm` command: --version, --help and a missing command."""
+"""The top-level `qcsbm` command: --version, --help, bad commands and cleanup after failures."""
 
 import shutil
 import subprocess
@@ -27,7 +27,7 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
-def test_missing_command_prints_usage_on_stderr(capsys):
+def test_missing_command_one_line(capsys):
     assert main([]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -45,7 +45,7 @@ def test_unknown_command_is_one_line():
 
 
 def console_script():
-    """The installed `qcsbm` script: beside this Python, else on PATH."""
+    """Return the installed `qcsbm` script: beside this Python, else on PATH."""
     beside = Path(sys.executable).parent / "qcsbm"
     return str(beside) if beside.exists() else shutil.which("qcsbm")
 
@@ -58,8 +58,8 @@ def test_console_script_runs():
     assert result.stdout.strip() == f"qcsbm {qcsbm.__version__}"
 
 
-def test_failed_study_leaves_no_folder(tmp_path, capsys):
-    # The penalty becomes NaN at the first step: exit 3 and no half-written output folder.
+def test_failed_study_removes_folder(tmp_path, capsys):
+    # A huge learning rate makes the penalty NaN at the first step.
     out = tmp_path / "autoencoder"
     code = main(["study", "autoencoder", "--preset", "quick", "--out", str(out), "--lr",
                  "1e300", "--quiet"])
@@ -68,7 +68,7 @@ def test_failed_study_leaves_no_folder(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_failed_study_empties_an_existing_empty_folder(tmp_path):
+def test_failed_study_empties_existing_folder(tmp_path):
     out = tmp_path / "toy2d"
     out.mkdir()
     code = main(["study", "toy2d", "--preset", "quick", "--models", "usbm", "--out", str(out),
@@ -78,7 +78,7 @@ def test_failed_study_empties_an_existing_empty_folder(tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_overflow_is_one_line_and_writes_nothing(tmp_path, capsys):
+def test_overflow_error_one_line(tmp_path, capsys):
     out = tmp_path / "gaussian"
     code = main(["study", "gaussian", "--preset", "quick", "--out", str(out), "--sigma",
                  "1e300", "--quiet"])
@@ -89,7 +89,7 @@ def test_overflow_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_failed_training_leaves_no_run_folder(tmp_path, capsys):
+def test_failed_training_removes_run_folder(tmp_path, capsys):
     workdir = tmp_path / "run"
     code = main(["train", "--config", "digits-qcsbm", "--workdir", str(workdir), "--quiet",
                  "--set", "training.n_steps=3", "--set", "data.batch_size=8",

@@ -233,7 +233,7 @@ def test_existing_out_needs_overwrite(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sampler", [PC_FAST, ODE_FAST], ids=["pc", "ode"])
-def test_non_finite_weights_exit_3_and_write_nothing(tmp_path, capsys, sampler):
+def test_nan_weights_sample_exits_3(tmp_path, capsys, sampler):
     run = make_run(tmp_path / "nan-run", weight_noise=float("nan"))
     before = folder_snapshot(run)
     out = tmp_path / "nan.npz"
@@ -247,7 +247,7 @@ def test_non_finite_weights_exit_3_and_write_nothing(tmp_path, capsys, sampler):
     assert folder_snapshot(run) == before
 
 
-def test_non_finite_weights_eval_asym_exit_3(tmp_path, capsys):
+def test_nan_weights_eval_asym_exits_3(tmp_path, capsys):
     run = make_run(tmp_path / "nan-run", weight_noise=float("nan"))
     before = folder_snapshot(run)
 

@@ -8,7 +8,7 @@ from qcsbm.errors import UsageError
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
+    """Return CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -20,9 +20,9 @@ def check_device(name, option: str = "--device") -> torch.device:
     """
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError) as error:
-        raise UsageError(f"invalid {option} {str(name)!r}: {error}; expected for example "
-                         "'cpu' or 'cuda:0'") from None
+    except (RuntimeError, TypeError):
+        raise UsageError(f"invalid {option} {str(name)!r}; expected a device such as 'cpu', "
+                         "'cuda' or 'cuda:0'") from None
     if device.type == "cpu" and device.index not in (None, 0):
         raise UsageError(f"invalid {option} {str(name)!r}: the CPU has no device index "
                          f"{device.index}; use 'cpu'")

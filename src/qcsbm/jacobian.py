@@ -215,7 +215,7 @@ def traces_from_output(fn, s: torch.Tensor, x: torch.Tensor, *, method: str = "e
 
 
 def _nonnegative_from_output(s, x, v, create_graph):
-    """Per-sample (asymmetry, tr(J J^T)) of the nonnegative form, from s = fn(x) alone.
+    """Return per-sample (asymmetry, tr(J J^T)) of the nonnegative form from s = fn(x) alone.
 
     Both products come from the forward pass that made s, so one dropout mask serves both.
     Up to LOOP_MAX_PRODUCTS probes: with a_k zero leaves of s's shape, u_k = J^T (v_k + a_k)
@@ -240,7 +240,7 @@ def _nonnegative_from_output(s, x, v, create_graph):
 
 
 def _nonnegative_terms(jv, u):
-    """Average over probes of 1/2 ||(J - J^T) v||^2 and of the tr(J J^T) estimate."""
+    """Return the probe averages of 1/2 ||(J - J^T) v||^2 and of the tr(J J^T) estimate."""
     asym = 0.5 * _per_sample_sq_norm(jv - u, 2)
     tr_jjt = 0.5 * (_per_sample_sq_norm(jv, 2) + _per_sample_sq_norm(u, 2))
     return asym.mean(dim=0), tr_jjt.mean(dim=0)

@@ -124,7 +124,7 @@ class Toy2DConfig:
         check_choice("--estimator", self.estimator, ("exact", "hutchinson", "nonnegative"))
         if not 0 <= self.ema_rate < 1:
             raise UsageError(f"invalid --ema-rate {self.ema_rate!r}; expected 0 <= rate < 1")
-        check_choice("--device", self.device.split(":")[0], ("cpu", "cuda", "mps"))
+        check_device(self.device)
 
 
 def _option(field: str) -> str:
@@ -380,7 +380,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the study from parsed options."""
     config = common.config_from_args(PRESETS, args, OPTIONS)
-    check_device(config.device)
     out = common.prepare_output_dir(args.out, overwrite=args.overwrite)
     common.write_config(out, "toy2d", config)
     payload = run_study(config, out, quiet=args.quiet)
